@@ -1,0 +1,119 @@
+"""`bucket-assets`: build an export through Dagster, verify an export, write the sample dataset."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+from pathlib import Path
+
+from bucket_assets.spec import SPEC_ENV_VAR, SpecError, check_paths, load_spec, resolve_spec_path
+
+
+def _fail(msg: str, code: int = 2) -> int:
+    print(f"bucket-assets: {msg.splitlines()[0] if msg else 'failed'}", file=sys.stderr)
+    return code
+
+
+def ensure_dagster_home() -> Path:
+    """$DAGSTER_HOME, or ./.dagster_home seeded with the project's dagster.yaml."""
+    home = os.environ.get("DAGSTER_HOME")
+    if not home:
+        home = str(Path.cwd() / ".dagster_home")
+        os.environ["DAGSTER_HOME"] = home
+    p = Path(home)
+    p.mkdir(parents=True, exist_ok=True)
+    if not (p / "dagster.yaml").exists() and Path("dagster.yaml").is_file():
+        shutil.copy("dagster.yaml", p / "dagster.yaml")
+    return p
+
+
+def _first_error(result) -> str:
+    for event in result.all_events:
+        if event.is_step_failure or event.event_type_value == "RUN_FAILURE":
+            err = event.event_specific_data and getattr(event.event_specific_data, "error", None)
+            if err is not None:
+                cause = err
+                while getattr(cause, "cause", None) is not None:
+                    cause = cause.cause
+                return f"{event.step_key or 'run'}: {cause.message.strip().splitlines()[0]}"
+            return event.message or "run failed"
+    for event in result.all_events:
+        if event.event_type_value == "ASSET_CHECK_EVALUATION":
+            data = event.event_specific_data
+            if not data.passed:
+                return f"check {data.check_name} failed: {data.description or ''}"
+    return "run failed"
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    spec_path = resolve_spec_path(args.spec)
+    os.environ[SPEC_ENV_VAR] = spec_path  # the definitions module reads its spec from here
+    try:
+        spec = load_spec(spec_path)
+        check_paths(spec)
+    except SpecError as exc:
+        return _fail(str(exc))
+    home = ensure_dagster_home()
+
+    import dagster as dg
+
+    from bucket_assets import definitions
+    from bucket_assets.core.buckets import bucket_table
+
+    ids = [b.id for b in bucket_table(spec.buckets.base_resolutions, spec.buckets.divisible)]
+    tags = {"dagster/asset_partition_range_start": ids[0], "dagster/asset_partition_range_end": ids[-1]}
+    with dg.DagsterInstance.get() as instance:
+        result = dg.execute_job(dg.reconstructable(definitions.build_job), instance=instance, tags=tags)
+        ok = result.success
+        failed_checks = [
+            e.event_specific_data.check_name
+            for e in result.all_events
+            if e.event_type_value == "ASSET_CHECK_EVALUATION" and not e.event_specific_data.passed
+        ]
+        if not ok:
+            return _fail(f"build failed: {_first_error(result)} (run {result.run_id}, DAGSTER_HOME={home})", 1)
+        if failed_checks:
+            return _fail(f"build finished but checks failed: {', '.join(failed_checks)} (run {result.run_id})", 1)
+    print(f"built {spec.output_dir} (run {result.run_id}; DAGSTER_HOME={home})")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from bucket_assets.core.manifest import VerifyError, verify_export
+
+    try:
+        rep = verify_export(args.export_dir)
+    except VerifyError as exc:
+        return _fail(f"verify failed: {exc}", 1)
+    print(f"ok: {rep.buckets} buckets, {rep.shards} shards, {rep.samples} samples")
+    return 0
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from bucket_assets.sample import generate
+
+    counts = generate(args.root)
+    print("wrote sample data under " + args.root + ": " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="bucket-assets", description=__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    b = sub.add_parser("build", help="materialize every asset and bucket partition through Dagster")
+    b.add_argument("--spec", help=f"spec YAML (default ${SPEC_ENV_VAR} or data/spec.yaml)")
+    b.set_defaults(fn=cmd_build)
+    v = sub.add_parser("verify", help="check an export against its manifest")
+    v.add_argument("export_dir")
+    v.set_defaults(fn=cmd_verify)
+    s = sub.add_parser("sample", help="write the sample dataset (raw sources + caption sources)")
+    s.add_argument("--root", default="data")
+    s.set_defaults(fn=cmd_sample)
+    args = p.parse_args(argv)
+    return args.fn(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,68 @@
+"""Where every raw record ended: exported, or exactly one skip reason.
+
+Invariant: images_seen == images_exported + sum(skips). An image counts as exported when it is
+in at least one shard (multi-res exports may hold it in several buckets).
+"""
+
+from __future__ import annotations
+
+import duckdb
+
+# Reasons that the seed card prints under their historical names.
+SEED_NAMES = {"decode_error": "decode_errors", "encode_error": "encode_errors"}
+ALWAYS_REPORTED = ("no_caption", "too_small", "decode_error", "encode_error")
+
+OUTCOMES_SQL = """
+CREATE OR REPLACE TEMP VIEW image_outcomes AS
+WITH asg AS (
+    SELECT image_id, bool_or(status = 'ok') AS any_fit FROM bucket_assignments GROUP BY image_id
+),
+proc AS (
+    SELECT image_id, bool_or(status = 'ok') AS any_ok,
+           min(status) FILTER (WHERE status <> 'ok') AS first_error
+    FROM processed_images GROUP BY image_id
+),
+exported AS (SELECT DISTINCT image_id FROM shard_samples)
+SELECT f.row_id, f.image_id, f.source,
+    CASE
+        WHEN f.decision <> 'keep' THEN f.decision
+        WHEN NOT coalesce(asg.any_fit, false) THEN 'too_small'
+        WHEN e.image_id IS NOT NULL THEN 'exported'
+        WHEN sc.status = 'dropped' THEN 'no_caption'
+        WHEN proc.first_error IS NOT NULL AND NOT proc.any_ok THEN proc.first_error
+        ELSE 'not_built'
+    END AS outcome
+FROM filtered_images f
+LEFT JOIN asg ON f.decision = 'keep' AND asg.image_id = f.image_id
+LEFT JOIN exported e ON f.decision = 'keep' AND e.image_id = f.image_id
+LEFT JOIN selected_captions sc ON f.decision = 'keep' AND sc.image_id = f.image_id
+LEFT JOIN proc ON f.decision = 'keep' AND proc.image_id = f.image_id
+"""
+
+
+def outcome_counts(con: duckdb.DuckDBPyConnection) -> dict[str, int]:
+    con.execute(OUTCOMES_SQL)
+    rows = con.execute("SELECT outcome, count(*) FROM image_outcomes GROUP BY outcome ORDER BY outcome").fetchall()
+    return {k: int(v) for k, v in rows}
+
+
+def summary(con: duckdb.DuckDBPyConnection, scan_skips: dict[str, int]) -> dict:
+    counts = outcome_counts(con)
+    seen = sum(counts.values())
+    samples = con.execute("SELECT count(*) FROM shard_samples").fetchone()[0]
+    out: dict = {
+        "images_seen": seen,
+        "images_exported": counts.pop("exported", 0),
+        "samples_exported": int(samples),
+    }
+    for reason in ALWAYS_REPORTED:
+        counts.setdefault(reason, 0)
+    for reason in sorted(counts):
+        out[SEED_NAMES.get(reason, f"skipped_{reason}")] = counts[reason]
+    out["tar_members_skipped"] = dict(sorted(scan_skips.items()))
+    return out
+
+
+def check_balance(s: dict) -> bool:
+    skips = sum(v for k, v in s.items() if k.startswith("skipped_") or k in SEED_NAMES.values())
+    return s["images_seen"] == s["images_exported"] + skips

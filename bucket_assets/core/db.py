@@ -1,0 +1,67 @@
+"""The metadata database: one DuckDB file in work_dir, opened under an exclusive file lock.
+
+DuckDB allows one writing process per file (and a reader cannot open it while another process
+writes). Every connection here takes an fcntl lock on `<db>.lock` first, so concurrent
+partition runs queue for a moment instead of failing. Hold connections briefly: pixel work
+happens outside them.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import duckdb
+import pyarrow as pa
+
+
+@contextmanager
+def connect(db_path: str | os.PathLike) -> Iterator[duckdb.DuckDBPyConnection]:
+    db_path = Path(db_path)
+    db_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{db_path}.lock", "a+b") as lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        try:
+            con = duckdb.connect(str(db_path))
+            try:
+                yield con
+            finally:
+                con.close()
+        finally:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+
+
+def replace_table(con: duckdb.DuckDBPyConnection, name: str, table: pa.Table) -> None:
+    """CREATE OR REPLACE `name` from an Arrow table. `name` is a constant of our code, never input."""
+    con.register("_incoming", table)
+    try:
+        con.execute(f'CREATE OR REPLACE TABLE "{name}" AS SELECT * FROM _incoming')
+    finally:
+        con.unregister("_incoming")
+
+
+def table_exists(con: duckdb.DuckDBPyConnection, name: str) -> bool:
+    return bool(
+        con.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = ?", [name]).fetchone()[0]
+    )
+
+
+def replace_partitions(
+    con: duckdb.DuckDBPyConnection, name: str, table: pa.Table, bucket_ids: list[str]
+) -> None:
+    """Replace the rows of `bucket_ids` in a bucket-partitioned table, in one transaction."""
+    con.execute("BEGIN TRANSACTION")
+    try:
+        con.register("_incoming", table)
+        if not table_exists(con, name):
+            con.execute(f'CREATE TABLE "{name}" AS SELECT * FROM _incoming LIMIT 0')
+        con.execute(f'DELETE FROM "{name}" WHERE list_contains(?, bucket_id)', [bucket_ids])
+        con.execute(f'INSERT INTO "{name}" SELECT * FROM _incoming')
+        con.unregister("_incoming")
+        con.execute("COMMIT")
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise

@@ -1,0 +1,60 @@
+"""Filter decisions: exactly one per raw record, 'keep' or a reason."""
+
+from __future__ import annotations
+
+import duckdb
+
+from bucket_assets.spec import Filters
+
+# Order matters: the first matching rule is the recorded reason. Content duplicates are found
+# among records that pass every other rule, so a dropped first copy does not drop a good one.
+FILTER_SQL = """
+CREATE OR REPLACE TABLE filtered_images AS
+WITH first_pass AS (
+    SELECT row_id, image_id, source, sha256,
+        CASE
+            WHEN issue IS NOT NULL THEN issue
+            WHEN row_number() OVER (PARTITION BY source, image_id ORDER BY row_id) > 1 THEN 'duplicate_id'
+            WHEN nsfw IS NOT NULL AND list_contains($drop_nsfw, nsfw) THEN 'nsfw'
+            WHEN $min_similarity IS NOT NULL AND similarity IS NOT NULL AND similarity < $min_similarity
+                THEN 'low_similarity'
+            WHEN $drop_blank AND blank_std IS NOT NULL AND blank_std < $blank_std THEN 'blank'
+            ELSE 'keep'
+        END AS decision,
+        CASE
+            WHEN issue IS NOT NULL THEN issue_detail
+            WHEN nsfw IS NOT NULL AND list_contains($drop_nsfw, nsfw) THEN 'NSFW tag ' || nsfw
+            WHEN $min_similarity IS NOT NULL AND similarity IS NOT NULL AND similarity < $min_similarity
+                THEN 'similarity ' || similarity::VARCHAR
+            WHEN $drop_blank AND blank_std IS NOT NULL AND blank_std < $blank_std
+                THEN 'thumbnail std ' || round(blank_std, 3)::VARCHAR
+        END AS detail
+    FROM raw_index
+),
+dups AS (
+    SELECT row_id,
+           first_value(image_id) OVER w AS first_id,
+           row_number() OVER w AS copy_rank
+    FROM first_pass
+    WHERE decision = 'keep' AND $drop_duplicates
+    WINDOW w AS (PARTITION BY sha256 ORDER BY row_id)
+)
+SELECT f.row_id, f.image_id, f.source,
+       CASE WHEN d.copy_rank > 1 THEN 'duplicate' ELSE f.decision END AS decision,
+       CASE WHEN d.copy_rank > 1 THEN 'same bytes as ' || d.first_id ELSE f.detail END AS detail
+FROM first_pass f LEFT JOIN dups d USING (row_id)
+ORDER BY f.row_id
+"""
+
+
+def apply_filters(con: duckdb.DuckDBPyConnection, filters: Filters) -> None:
+    con.execute(
+        FILTER_SQL,
+        {
+            "drop_nsfw": list(filters.drop_nsfw),
+            "min_similarity": filters.min_similarity,
+            "drop_blank": filters.drop_blank,
+            "blank_std": filters.blank_std_threshold,
+            "drop_duplicates": filters.drop_duplicates,
+        },
+    )

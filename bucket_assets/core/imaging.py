@@ -1,0 +1,192 @@
+"""Pixels: probe headers, decode to RGB, cover-resize with torch, crop, encode JPEG.
+
+Every function here is pure (bytes in, bytes or arrays out) so it runs the same in a worker
+process, a test, or a benchmark.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
+
+# We enforce our own pixel limit (spec image.max_pixels) and report it as too_large; Pillow's
+# bomb check would otherwise raise before we can say why.
+Image.MAX_IMAGE_PIXELS = None
+
+SUBSAMPLING = {"4:4:4": 0, "4:2:2": 1, "4:2:0": 2}
+_SRGB = ImageCms.createProfile("sRGB")
+_ROTATED = {5, 6, 7, 8}  # EXIF orientations that swap width and height
+
+
+class ImageError(Exception):
+    """An image that cannot become a sample; `reason` is a stable skip-reason code."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class ImageHeader:
+    width: int  # after EXIF orientation
+    height: int
+    format: str
+    mode: str
+    orientation: int
+    blank_std: float | None  # grey-level std of a small thumbnail; None when not measured
+
+
+def _open(data: bytes, max_pixels: int) -> Image.Image:
+    if not data:
+        raise ImageError("decode_error", "zero bytes")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            img = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        raise ImageError("decode_error", "not a recognised image format") from None
+    except Exception as exc:  # noqa: BLE001 - any parser failure is a decode error for this sample
+        raise ImageError("decode_error", f"{type(exc).__name__}: {exc}") from None
+    w, h = img.size
+    if w <= 0 or h <= 0:
+        raise ImageError("decode_error", f"invalid size {w}x{h}")
+    if w * h > max_pixels:
+        raise ImageError("too_large", f"{w}x{h} exceeds max_pixels {max_pixels}")
+    return img
+
+
+def _orientation(img: Image.Image) -> int:
+    try:
+        value = img.getexif().get(0x0112, 1)
+        return int(value) if int(value) in range(1, 9) else 1
+    except Exception:  # noqa: BLE001 - a corrupt EXIF block means "no orientation"
+        return 1
+
+
+def probe(data: bytes, max_pixels: int, measure_blank: bool = True) -> ImageHeader:
+    """Read the header (size, EXIF orientation, format, mode) and optionally a blankness measure.
+
+    The blank measure decodes a reduced image (JPEG DCT scaling through `draft`), which also
+    catches most truncated files early.
+    """
+    img = _open(data, max_pixels)
+    w, h = img.size
+    orientation = _orientation(img)
+    if orientation in _ROTATED:
+        w, h = h, w
+    blank_std = None
+    if measure_blank:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                if img.format == "JPEG":
+                    img.draft("RGB", (64, 64))
+                img.seek(0)
+                thumb = to_rgb(img).reduce(max(1, min(img.size) // 32)).convert("L")
+            blank_std = float(np.asarray(thumb, dtype=np.float32).std())
+        except ImageError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            raise ImageError("decode_error", f"{type(exc).__name__}: {exc}") from None
+    return ImageHeader(w, h, img.format or "unknown", img.mode, orientation, blank_std)
+
+
+def _composite_on_white(img: Image.Image) -> Image.Image:
+    rgba = img.convert("RGBA")
+    white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    return Image.alpha_composite(white, rgba).convert("RGB")
+
+
+def _sixteen_bit_to_l(img: Image.Image) -> Image.Image:
+    arr = np.asarray(img).astype(np.uint32)
+    # Scale 0..65535 to 0..255 with rounding (not clipping, which would whiten everything).
+    return Image.fromarray(((arr * 255 + 32767) // 65535).clip(0, 255).astype(np.uint8), "L")
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any Pillow mode to 8-bit sRGB: alpha on white, 16-bit greys scaled, ICC converted."""
+    icc = img.info.get("icc_profile")
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        return _sixteen_bit_to_l(img).convert("RGB")
+    if img.mode == "F":
+        return img.convert("L").convert("RGB")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        return _composite_on_white(img)
+    if icc and img.mode in ("RGB", "CMYK", "L"):
+        try:
+            src = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+            return ImageCms.profileToProfile(img, src, _SRGB, outputMode="RGB")
+        except Exception:  # noqa: BLE001 - a broken profile falls back to a plain conversion
+            pass
+    return img.convert("RGB") if img.mode != "RGB" else img
+
+
+def decode_rgb(data: bytes, max_pixels: int) -> np.ndarray:
+    """Decode the first frame, apply EXIF orientation, convert to RGB; HxWx3 uint8."""
+    img = _open(data, max_pixels)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            img.seek(0)
+            img.load()
+            try:
+                img = ImageOps.exif_transpose(img)
+            except Exception:  # noqa: BLE001 - corrupt EXIF: keep the stored orientation
+                pass
+            rgb = to_rgb(img)
+            return np.asarray(rgb, dtype=np.uint8)
+    except ImageError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        raise ImageError("decode_error", f"{type(exc).__name__}: {exc}") from None
+
+
+def resize_cover(rgb: np.ndarray, resized_w: int, resized_h: int) -> np.ndarray:
+    """torch.nn.functional.interpolate(bicubic, antialias=True) on CPU, rounded back to uint8."""
+    h, w = rgb.shape[:2]
+    if (w, h) == (resized_w, resized_h):
+        return rgb
+    x = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).unsqueeze(0).float()
+    y = F.interpolate(x, size=(resized_h, resized_w), mode="bicubic", antialias=True, align_corners=False)
+    return y.round_().clamp_(0, 255).to(torch.uint8).squeeze(0).permute(1, 2, 0).contiguous().numpy()
+
+
+def crop(rgb: np.ndarray, left: int, top: int, width: int, height: int) -> np.ndarray:
+    h, w = rgb.shape[:2]
+    if left < 0 or top < 0 or left + width > w or top + height > h:
+        raise ValueError(f"crop box ({left},{top},{width}x{height}) outside {w}x{h}")
+    return rgb[top : top + height, left : left + width]
+
+
+def subsampling_for(policy: str, scale: float, threshold: float) -> int:
+    """Pillow's subsampling code for a policy.
+
+    adaptive_scale: an image downscaled by `scale < threshold` has chroma detail that 4:2:0
+    would throw away, so it is encoded 4:4:4; an image kept near its source size (scale >=
+    threshold) mostly carries the source's already-subsampled chroma, so 4:2:0 saves bytes
+    at no visible cost.
+    """
+    if policy == "adaptive_scale":
+        return SUBSAMPLING["4:4:4"] if scale < threshold else SUBSAMPLING["4:2:0"]
+    return SUBSAMPLING[policy]
+
+
+def encode_jpeg(rgb: np.ndarray, quality: int, subsampling: int) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(rgb), "RGB").save(
+        buf, format="JPEG", quality=quality, subsampling=subsampling, optimize=False, progressive=False
+    )
+    return buf.getvalue()
+
+
+def is_jpeg(data: bytes) -> bool:
+    return data[:3] == b"\xff\xd8\xff"

@@ -1,0 +1,130 @@
+"""The processed-image store: each planned sample rendered once to its final JPEG bytes.
+
+Store layout: `<work_dir>/processed/<bucket_id>/<key>.jpg`. Each stored file has a fingerprint
+(source bytes, plan, image parameters, code version) recorded in the metadata DB; a rebuild
+re-renders only samples whose fingerprint changed or whose file is gone, and re-sharding after
+a caption change reads these bytes without decoding or encoding anything.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from bucket_assets.core.atomic import atomic_write_bytes
+from bucket_assets.core.imaging import (
+    ImageError,
+    crop,
+    decode_rgb,
+    encode_jpeg,
+    is_jpeg,
+    resize_cover,
+    subsampling_for,
+)
+from bucket_assets.core.sources import read_bytes
+
+RENDER_VERSION = 1  # bump when the pixels for the same inputs change
+
+
+@dataclass(frozen=True)
+class RenderParams:
+    mode: str  # reencode_jpeg | passthrough_jpeg
+    quality: int
+    subsampling: str
+    adaptive_threshold: float
+    max_pixels: int
+
+
+@dataclass(frozen=True)
+class RenderTask:
+    image_id: str
+    bucket_id: str
+    key: str
+    source_sha256: str
+    location: str
+    member: str | None
+    data_offset: int | None
+    byte_size: int | None
+    scale: float
+    resized_w: int
+    resized_h: int
+    crop_left: int
+    crop_top: int
+    target_w: int
+    target_h: int
+    out_path: str
+    params: RenderParams
+
+    def fingerprint(self) -> str:
+        d = {
+            "v": RENDER_VERSION,
+            "src": self.source_sha256,
+            "plan": [self.resized_w, self.resized_h, self.crop_left, self.crop_top, self.target_w, self.target_h],
+            "params": [self.params.mode, self.params.quality, self.params.subsampling, self.params.adaptive_threshold],
+        }
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
+
+
+def store_path(processed_dir: str | os.PathLike, bucket_id: str, key: str) -> str:
+    return str(Path(processed_dir) / bucket_id / f"{key}.jpg")
+
+
+def render(task: RenderTask) -> dict:
+    """Render one sample to its store path. Returns a result row; never raises for bad images."""
+    out = {
+        "image_id": task.image_id,
+        "bucket_id": task.bucket_id,
+        "key": task.key,
+        "path": task.out_path,
+        "fingerprint": task.fingerprint(),
+        "status": "ok",
+        "error": None,
+        "bytes": None,
+        "sha256": None,
+        "width": None,
+        "height": None,
+        "subsampling": None,
+    }
+    try:
+        data = read_bytes(task.location, task.member, task.data_offset, task.byte_size)
+    except OSError as exc:
+        out.update(status="read_error", error=str(exc))
+        return out
+    p = task.params
+    if p.mode == "passthrough_jpeg":
+        if not is_jpeg(data):
+            out.update(status="passthrough_not_jpeg", error="source is not a JPEG; passthrough keeps only JPEG bytes")
+            return out
+        jpg = data
+        w, h = _jpeg_size(data)
+    else:
+        try:
+            rgb = decode_rgb(data, p.max_pixels)
+        except ImageError as exc:
+            out.update(status=exc.reason, error=exc.detail)
+            return out
+        rgb = resize_cover(rgb, task.resized_w, task.resized_h)
+        rgb = crop(rgb, task.crop_left, task.crop_top, task.target_w, task.target_h)
+        sub = subsampling_for(p.subsampling, task.scale, p.adaptive_threshold)
+        try:
+            jpg = encode_jpeg(rgb, p.quality, sub)
+        except Exception as exc:  # noqa: BLE001 - recorded per sample
+            out.update(status="encode_error", error=f"{type(exc).__name__}: {exc}")
+            return out
+        h, w = rgb.shape[:2]
+        out["subsampling"] = sub
+    atomic_write_bytes(task.out_path, jpg)
+    out.update(bytes=len(jpg), sha256=hashlib.sha256(jpg).hexdigest(), width=w, height=h)
+    return out
+
+
+def _jpeg_size(data: bytes) -> tuple[int, int]:
+    import io
+
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as im:
+        return im.size

@@ -1,0 +1,130 @@
+"""The raw index: one row per source record, with its bytes located, hashed and header-probed."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict
+
+import pyarrow as pa
+
+from bucket_assets.core.imaging import ImageError, probe
+from bucket_assets.core.parallel import ordered_map
+from bucket_assets.core.sources import RawRecord, ScanStats, read_bytes, scan_source
+from bucket_assets.spec import Spec
+
+
+class DuplicateIdError(ValueError):
+    pass
+
+
+RAW_INDEX_SCHEMA = pa.schema(
+    [
+        ("row_id", pa.int64()),  # global order: source order in the spec, then scan order
+        ("image_id", pa.string()),
+        ("source", pa.string()),
+        ("source_kind", pa.string()),
+        ("location", pa.string()),
+        ("member", pa.string()),
+        ("data_offset", pa.int64()),
+        ("byte_size", pa.int64()),
+        ("sha256", pa.string()),
+        ("width", pa.int32()),  # EXIF-corrected
+        ("height", pa.int32()),
+        ("format", pa.string()),
+        ("mode", pa.string()),
+        ("orientation", pa.int8()),
+        ("blank_std", pa.float32()),
+        ("caption", pa.string()),
+        ("caption_field", pa.string()),
+        ("url", pa.string()),
+        ("similarity", pa.float64()),
+        ("nsfw", pa.string()),
+        ("license", pa.string()),
+        ("orig_w", pa.int32()),
+        ("orig_h", pa.int32()),
+        ("issue", pa.string()),  # why this record cannot be used, if known at index time
+        ("issue_detail", pa.string()),
+        ("notes", pa.string()),  # comma-separated non-fatal flags
+    ]
+)
+
+
+def _probe_task(task: tuple[str | None, str | None, int | None, int | None, int, bool]) -> dict:
+    location, member, offset, size, max_pixels, measure_blank = task
+    out: dict = {"sha256": None, "byte_size": None, "issue": None, "issue_detail": None}
+    try:
+        data = read_bytes(location, member, offset, size)  # type: ignore[arg-type]
+    except OSError as exc:
+        out.update(issue="read_error", issue_detail=str(exc))
+        return out
+    out["byte_size"] = len(data)
+    out["sha256"] = hashlib.sha256(data).hexdigest()
+    try:
+        h = probe(data, max_pixels, measure_blank)
+    except ImageError as exc:
+        out.update(issue=exc.reason, issue_detail=exc.detail)
+        return out
+    out.update(width=h.width, height=h.height, format=h.format, mode=h.mode, orientation=h.orientation, blank_std=h.blank_std)
+    return out
+
+
+def scan_all(spec: Spec) -> tuple[list[RawRecord], ScanStats]:
+    """Every record of every source, in spec order; an id in two sources is an error naming both."""
+    stats = ScanStats()
+    records: list[RawRecord] = []
+    owner: dict[str, str] = {}
+    for source in spec.sources:
+        for rec in scan_source(source, stats, spec.captions.max_chars):
+            prev = owner.get(rec.image_id)
+            if prev is not None and prev != rec.source:
+                raise DuplicateIdError(
+                    f"image_id {rec.image_id!r} appears in two sources: {prev!r} and {rec.source!r}"
+                )
+            owner[rec.image_id] = rec.source
+            records.append(rec)
+    return records, stats
+
+
+def build_raw_index(spec: Spec, workers: int) -> tuple[pa.Table, ScanStats]:
+    records, stats = scan_all(spec)
+    kinds = {s.name: s.kind for s in spec.sources}
+    tasks = [
+        (r.location, r.member, r.offset, r.size, spec.image.max_pixels, spec.filters.drop_blank)
+        for r in records
+        if r.issue is None
+    ]
+    probed = iter(ordered_map(_probe_task, tasks, workers, chunksize=16))
+    rows = []
+    for row_id, rec in enumerate(records):
+        d = asdict(rec)
+        notes = d.pop("notes")
+        row = {
+            "row_id": row_id,
+            "image_id": d["image_id"],
+            "source": d["source"],
+            "source_kind": kinds[rec.source],
+            "location": d["location"],
+            "member": d["member"],
+            "data_offset": d["offset"],
+            "byte_size": d["size"],
+            "caption": d["caption"],
+            "caption_field": d["caption_field"],
+            "url": d["url"],
+            "similarity": d["similarity"],
+            "nsfw": d["nsfw"],
+            "license": d["license"],
+            "orig_w": d["orig_w"],
+            "orig_h": d["orig_h"],
+            "issue": d["issue"],
+            "notes": ",".join(notes) or None,
+        }
+        if rec.issue is None:
+            row.update(next(probed))
+        rows.append(row)
+    table = pa.Table.from_pylist(rows, schema=RAW_INDEX_SCHEMA)
+    return table, stats
+
+
+def stats_json(stats: ScanStats) -> str:
+    return json.dumps(dict(sorted(stats.counts.items())))

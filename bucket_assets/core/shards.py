@@ -1,0 +1,201 @@
+"""Deterministic WebDataset tar shards: keys, per-sample JSON, shard planning, writing, reading."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import tarfile
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from bucket_assets.core.atomic import TMP_PREFIX
+
+BLOCK = 512
+RECORD = tarfile.RECORDSIZE  # tarfile pads the archive to a multiple of this on close
+MEMBER_EXTS = ("jpg", "txt", "json")
+SHARD_NAME = "shard-{:06d}.tar"
+SHARD_RE = re.compile(r"^shard-(\d{6})\.tar$")
+_KEY_SAFE = re.compile(r"[^A-Za-z0-9_-]")
+_MAX_KEY = 80  # USTAR names are 100 bytes; leave room for ".json"
+
+# Per-sample JSON keys: the same set and types in every sample (null where unknown).
+SAMPLE_JSON_KEYS = (
+    "bucket_id", "caption_selector_index", "caption_source_id", "caption_variant", "image_id",
+    "license", "nsfw", "similarity", "source", "src_h", "src_w", "target_h", "target_w", "url",
+)
+
+
+def sample_key(image_id: str) -> str:
+    """A tar key for an image id: no dots (webdataset splits on them), only [A-Za-z0-9_-].
+
+    Ids that are already safe keep their name; others are sanitised and get a short hash of the
+    original id so two ids never collide.
+    """
+    safe = _KEY_SAFE.sub("_", image_id)
+    if safe == image_id and len(safe) <= _MAX_KEY:
+        return safe
+    digest = hashlib.sha256(image_id.encode("utf-8")).hexdigest()[:12]
+    return f"{safe[: _MAX_KEY - 13]}-{digest}"
+
+
+def sample_json(meta: dict) -> bytes:
+    missing = set(SAMPLE_JSON_KEYS) - meta.keys()
+    extra = meta.keys() - set(SAMPLE_JSON_KEYS)
+    if missing or extra:
+        raise ValueError(f"sample json keys differ: missing {sorted(missing)}, extra {sorted(extra)}")
+    return json.dumps(meta, sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+def caption_txt(text: str) -> bytes:
+    return (text.rstrip("\n") + "\n").encode("utf-8")
+
+
+def _padded(n: int) -> int:
+    return BLOCK + (n + BLOCK - 1) // BLOCK * BLOCK
+
+
+def sample_tar_bytes(jpg_len: int, txt_len: int, json_len: int) -> int:
+    """Bytes three members take in a tar (headers and block padding)."""
+    return _padded(jpg_len) + _padded(txt_len) + _padded(json_len)
+
+
+@dataclass(frozen=True)
+class Sample:
+    key: str
+    jpg: bytes
+    txt: bytes
+    json: bytes
+
+    @property
+    def tar_bytes(self) -> int:
+        return sample_tar_bytes(len(self.jpg), len(self.txt), len(self.json))
+
+
+def tar_size(member_bytes: int) -> int:
+    """Archive size for members totalling `member_bytes` (headers and padding included)."""
+    raw = member_bytes + 2 * BLOCK
+    return (raw + RECORD - 1) // RECORD * RECORD
+
+
+def plan_shards(sizes: list[int], max_samples: int, max_bytes: int) -> list[tuple[int, int]]:
+    """Split samples (in order) into [start, end) runs within both limits; a sample larger than
+    max_bytes alone gets a shard of its own rather than being dropped."""
+    runs = []
+    start, acc = 0, 0
+    for i, s in enumerate(sizes):
+        n = i - start
+        if n > 0 and (n >= max_samples or tar_size(acc + s) > max_bytes):
+            runs.append((start, i))
+            start, acc = i, 0
+        acc += s
+    if start < len(sizes):
+        runs.append((start, len(sizes)))
+    return runs
+
+
+def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
+    ti = tarfile.TarInfo(name)
+    ti.size = size
+    ti.mtime = 0
+    ti.mode = 0o644
+    ti.uid = ti.gid = 0
+    ti.uname = ti.gname = ""
+    ti.type = tarfile.REGTYPE
+    return ti
+
+
+class _HashingWriter(io.RawIOBase):
+    def __init__(self, f):
+        self.f, self.h, self.n = f, hashlib.sha256(), 0
+
+    def writable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.n
+
+    def write(self, b) -> int:
+        self.h.update(b)
+        self.f.write(b)
+        self.n += len(b)
+        return len(b)
+
+
+@dataclass(frozen=True)
+class ShardFile:
+    path: str
+    samples: int
+    bytes: int
+    sha256: str
+    rewritten: bool  # False when an identical file was already in place and was left untouched
+
+
+def _write_tar(sink, samples: Iterable[Sample]) -> int:
+    count = 0
+    with tarfile.open(fileobj=sink, mode="w", format=tarfile.USTAR_FORMAT) as tf:
+        for s in samples:
+            for ext, data in (("jpg", s.jpg), ("txt", s.txt), ("json", s.json)):
+                tf.addfile(_tarinfo(f"{s.key}.{ext}", len(data)), io.BytesIO(data))
+            count += 1
+    return count
+
+
+def write_shard(path: str | os.PathLike, samples: Iterable[Sample]) -> ShardFile:
+    """Write one USTAR shard atomically: fixed headers (mtime 0, uid/gid 0, mode 644).
+
+    If a file with the same bytes is already at `path`, it is kept as it is (same inode and
+    mtime), so consumers that watch files see only real changes.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            sink = _HashingWriter(f)
+            count = _write_tar(sink, samples)
+            f.flush()
+            digest = sink.h.hexdigest()
+            if path.is_file() and path.stat().st_size == sink.n and file_sha256(path) == digest:
+                os.unlink(tmp)
+                return ShardFile(str(path), count, sink.n, digest, rewritten=False)
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return ShardFile(str(path), count, sink.n, digest, rewritten=True)
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def read_shard(path: str | os.PathLike) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, {ext: bytes}) per sample, in tar order; raises ValueError on a malformed shard."""
+    current: str | None = None
+    parts: dict[str, bytes] = {}
+    with tarfile.open(path, "r:") as tf:
+        for m in tf:
+            if not m.isfile():
+                raise ValueError(f"{Path(path).name}: member {m.name} is not a regular file")
+            key, _, ext = m.name.partition(".")
+            if key != current:
+                if current is not None:
+                    yield current, parts
+                current, parts = key, {}
+            if ext in parts:
+                raise ValueError(f"{Path(path).name}: member {m.name} appears twice")
+            parts[ext] = tf.extractfile(m).read()  # type: ignore[union-attr]
+    if current is not None:
+        yield current, parts

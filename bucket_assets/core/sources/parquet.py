@@ -1,0 +1,105 @@
+"""photo-concept-bucket style: a parquet of metadata plus an image folder keyed by id."""
+
+from __future__ import annotations
+
+import os
+from typing import Iterator
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from bucket_assets.core.captions import clean_caption
+from bucket_assets.core.sources import RawRecord, ScanStats
+from bucket_assets.spec import ParquetSource
+
+
+class SourceError(ValueError):
+    pass
+
+
+def _text(value) -> str | bytes | None:
+    if value is None:
+        return None
+    if isinstance(value, (list, tuple)):  # e.g. a list of tags
+        return ", ".join(str(v) for v in value if v is not None)
+    if isinstance(value, (str, bytes)):
+        return value
+    return str(value)
+
+
+def _int(value) -> int | None:
+    try:
+        return None if value is None else int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def scan(source: ParquetSource, stats: ScanStats, max_caption_chars: int) -> Iterator[RawRecord]:
+    cols = source.columns
+    wanted = {
+        "id": cols.id,
+        "caption": cols.caption,
+        "fallback_caption": cols.fallback_caption,
+        "width": cols.width,
+        "height": cols.height,
+        "url": cols.url,
+        "license": cols.license,
+    }
+    try:
+        schema = pq.read_schema(source.path)
+    except Exception as exc:  # noqa: BLE001
+        raise SourceError(f"source {source.name}: cannot read parquet {source.path}: {exc}") from None
+    for role, col in wanted.items():
+        if col is not None and col not in schema.names:
+            raise SourceError(f"source {source.name}: parquet has no column {col!r} (columns.{role})")
+    id_type = schema.field(cols.id).type
+    if not (pa.types.is_string(id_type) or pa.types.is_large_string(id_type) or pa.types.is_integer(id_type)):
+        raise SourceError(f"source {source.name}: column {cols.id!r} (columns.id) must be string or integer, got {id_type}")
+    for role in ("width", "height"):
+        col = wanted[role]
+        if col is not None and not pa.types.is_integer(schema.field(col).type) and not pa.types.is_floating(schema.field(col).type):
+            raise SourceError(f"source {source.name}: column {col!r} (columns.{role}) must be numeric, got {schema.field(col).type}")
+
+    # One directory listing instead of a stat per row.
+    exts = [e.lower().lstrip(".") for e in source.image_extensions]
+    by_stem: dict[str, str] = {}
+    with os.scandir(source.image_dir) as it:
+        for entry in it:
+            stem, dot, ext = entry.name.rpartition(".")
+            if dot and ext.lower() in exts and entry.is_file(follow_symlinks=False):
+                prev = by_stem.get(stem)
+                if prev is None or exts.index(ext.lower()) < exts.index(prev.rpartition(".")[2].lower()):
+                    by_stem[stem] = entry.name
+
+    pf = pq.ParquetFile(source.path)
+    names = sorted({c for c in wanted.values() if c is not None})
+    for batch in pf.iter_batches(columns=names, batch_size=65536):
+        data = {n: batch.column(n).to_pylist() for n in names}
+        for i in range(batch.num_rows):
+            raw_id = data[cols.id][i]
+            if raw_id is None:
+                stats.add("null_id")
+                continue
+            image_id = str(raw_id)
+            rec = RawRecord(image_id=image_id, source=source.name, location=None)
+            fname = by_stem.get(image_id)
+            if fname is None:
+                rec.issue = "missing_file"
+            else:
+                rec.location = os.path.join(source.image_dir, fname)
+            if cols.caption:
+                rec.caption, flags = clean_caption(_text(data[cols.caption][i]), max_caption_chars)
+                rec.caption_field = cols.caption
+                rec.notes.extend(flags)
+            if not rec.caption and cols.fallback_caption:
+                fb, flags = clean_caption(_text(data[cols.fallback_caption][i]), max_caption_chars)
+                if fb:
+                    rec.caption, rec.caption_field = fb, cols.fallback_caption
+                    rec.notes.extend(flags)
+            if cols.width and cols.height:
+                rec.orig_w, rec.orig_h = _int(data[cols.width][i]), _int(data[cols.height][i])
+            if cols.url:
+                rec.url = _text(data[cols.url][i])
+            if cols.license:
+                rec.license = _text(data[cols.license][i])
+            yield rec

@@ -1,0 +1,1 @@
+"""The Dagster shell: assets by stage, partitions, resources, checks. Work lives in core/."""

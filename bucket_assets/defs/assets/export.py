@@ -1,0 +1,221 @@
+"""Stage 5: per-bucket shards, the manifest and the dataset card."""
+
+
+import json
+from datetime import datetime, timezone
+from pathlib import Path
+
+import dagster as dg
+import pyarrow as pa
+
+from bucket_assets.core.accounting import summary
+from bucket_assets.core.atomic import atomic_write_text, remove_stale_temps
+from bucket_assets.core.buckets import bucket_table
+from bucket_assets.core.card import render_card
+from bucket_assets.core.db import replace_partitions, table_exists
+from bucket_assets.core.manifest import MANIFEST_NAME, build_manifest, dumps, same_content
+from bucket_assets.core.shards import (
+    SHARD_NAME,
+    Sample,
+    caption_txt,
+    plan_shards,
+    sample_json,
+    sample_tar_bytes,
+    write_shard,
+)
+from bucket_assets.defs.assets.captions import caption_table, selected_captions
+from bucket_assets.defs.resources import DatasetResource
+
+SHARD_FILES_SCHEMA = pa.schema(
+    [("bucket_id", pa.string()), ("shard_index", pa.int32()), ("path", pa.string()),
+     ("samples", pa.int64()), ("bytes", pa.int64()), ("sha256", pa.string())]
+)
+SHARD_SAMPLES_SCHEMA = pa.schema(
+    [("bucket_id", pa.string()), ("shard_index", pa.int32()), ("key", pa.string()), ("image_id", pa.string())]
+)
+
+SAMPLES_SQL = """
+SELECT p.bytes AS jpg_bytes, p.key, p.path, p.image_id, r.source, a.src_w, a.src_h, a.target_w, a.target_h,
+       sc.text, sc.caption_variant, sc.caption_selector_index, sc.caption_source_id,
+       r.url, r.similarity, r.nsfw, r.license
+FROM processed_images p
+JOIN bucket_assignments a ON a.image_id = p.image_id AND a.bucket_id = p.bucket_id
+JOIN selected_captions sc ON sc.image_id = p.image_id
+JOIN filtered_images f ON f.image_id = p.image_id AND f.decision = 'keep'
+JOIN raw_index r ON r.row_id = f.row_id
+WHERE p.bucket_id = ? AND p.status = 'ok' AND sc.status <> 'dropped'
+ORDER BY p.key
+"""
+
+
+def _meta(row: dict, bucket_id: str) -> bytes:
+    return sample_json(
+        {
+            "bucket_id": bucket_id,
+            "caption_selector_index": row["caption_selector_index"],
+            "caption_source_id": row["caption_source_id"],
+            "caption_variant": row["caption_variant"],
+            "image_id": row["image_id"],
+            "license": row["license"],
+            "nsfw": row["nsfw"],
+            "similarity": row["similarity"],
+            "source": row["source"],
+            "src_h": row["src_h"],
+            "src_w": row["src_w"],
+            "target_h": row["target_h"],
+            "target_w": row["target_w"],
+            "url": row["url"],
+        }
+    )
+
+
+def write_bucket(out_dir: Path, bucket_id: str, rows: list[dict], max_samples: int, max_bytes: int):
+    """Write one bucket's shards; files already holding the same bytes are left untouched.
+    Returns (shard rows, sample rows, files rewritten). JPEG bytes are read from the store as
+    each shard is written, so memory stays at one shard's worth of metadata."""
+    bdir = out_dir / "buckets" / bucket_id
+    remove_stale_temps(bdir)
+    prepared = [(r, caption_txt(r["text"]), _meta(r, bucket_id)) for r in rows]
+    sizes = [sample_tar_bytes(int(r["jpg_bytes"]), len(txt), len(meta)) for r, txt, meta in prepared]
+    runs = plan_shards(sizes, max_samples, max_bytes)
+    shard_rows, sample_rows, rewritten = [], [], 0
+    for idx, (start, end) in enumerate(runs):
+        path = bdir / SHARD_NAME.format(idx)
+        chunk = prepared[start:end]
+        shard = write_shard(path, (Sample(r["key"], Path(r["path"]).read_bytes(), txt, meta) for r, txt, meta in chunk))
+        rewritten += shard.rewritten
+        shard_rows.append(
+            {"bucket_id": bucket_id, "shard_index": idx, "path": f"buckets/{bucket_id}/{path.name}",
+             "samples": shard.samples, "bytes": shard.bytes, "sha256": shard.sha256}
+        )
+        sample_rows += [
+            {"bucket_id": bucket_id, "shard_index": idx, "key": r["key"], "image_id": r["image_id"]}
+            for r, _, _ in chunk
+        ]
+    keep = {bdir / SHARD_NAME.format(i) for i in range(len(runs))}
+    if bdir.is_dir():
+        for p in bdir.iterdir():
+            if p not in keep:
+                p.unlink()
+        if not runs:
+            bdir.rmdir()
+    return shard_rows, sample_rows, rewritten
+
+
+def bucket_shards_asset(partitions: dg.PartitionsDefinition, processed_images: dg.AssetsDefinition) -> dg.AssetsDefinition:
+    @dg.asset(
+        name="bucket_shards",
+        group_name="export",
+        deps=[processed_images, selected_captions],
+        partitions_def=partitions,
+        backfill_policy=dg.BackfillPolicy.single_run(),
+        kinds={"webdataset"},
+    )
+    def bucket_shards(context: dg.AssetExecutionContext, dataset: DatasetResource) -> dg.MaterializeResult:
+        """`buckets/<bucket_id>/shard-NNNNNN.tar`: uncompressed USTAR, <key>.jpg/.txt/.json per
+        sample, sorted by key, split by shards.max_samples / max_bytes. Reads stored JPEG bytes:
+        no image is decoded or encoded here."""
+        spec = dataset.load()
+        out_dir = Path(spec.output_dir)
+        all_shards, all_samples, rewritten = [], [], 0
+        for bucket_id in context.partition_keys:
+            with dataset.db() as con:
+                rows = (
+                    con.execute(SAMPLES_SQL, [bucket_id]).fetch_arrow_table().to_pylist()
+                    if table_exists(con, "processed_images")
+                    else []
+                )
+            s_rows, smp_rows, n = write_bucket(out_dir, bucket_id, rows, spec.shards.max_samples, spec.shards.max_bytes)
+            all_shards += s_rows
+            all_samples += smp_rows
+            rewritten += n
+        with dataset.db() as con:
+            keys = list(context.partition_keys)
+            replace_partitions(con, "shard_files", pa.Table.from_pylist(all_shards, schema=SHARD_FILES_SCHEMA), keys)
+            replace_partitions(con, "shard_samples", pa.Table.from_pylist(all_samples, schema=SHARD_SAMPLES_SCHEMA), keys)
+        context.log.info(f"{len(all_shards)} shard(s), {len(all_samples)} samples; {rewritten} file(s) rewritten")
+        return dg.MaterializeResult(
+            metadata={"shards": len(all_shards), "samples": len(all_samples), "files_rewritten": rewritten}
+        )
+
+    return bucket_shards
+
+
+def export_manifest_asset(bucket_shards: dg.AssetsDefinition) -> dg.AssetsDefinition:
+    @dg.asset(name="export_manifest", group_name="export", deps=[bucket_shards, caption_table], kinds={"json"})
+    def export_manifest(context: dg.AssetExecutionContext, dataset: DatasetResource) -> dg.MaterializeResult:
+        """`manifest.json`: format, preprocessing, buckets with shards (path, samples, bytes,
+        sha256), caption sources, selectors and the export summary."""
+        spec = dataset.load()
+        with dataset.db() as con:
+            for t in ("shard_files", "shard_samples", "processed_images"):
+                if not table_exists(con, t):
+                    raise dg.Failure(f"{t} does not exist yet: materialize processed_images and bucket_shards first")
+            shard_rows = con.execute(
+                "SELECT bucket_id, path, samples, bytes, sha256 FROM shard_files ORDER BY bucket_id, shard_index"
+            ).fetchall()
+            sources = con.execute(
+                "SELECT * EXCLUDE (file_sha256) FROM caption_sources ORDER BY source_id"
+            ).fetch_arrow_table().to_pylist()
+            usage = dict(con.execute(
+                """SELECT sc.caption_selector_index, count(DISTINCT sc.image_id) FROM shard_samples s
+                   JOIN selected_captions sc USING (image_id)
+                   WHERE sc.caption_selector_index IS NOT NULL GROUP BY ALL"""
+            ).fetchall())
+            variants = dict(con.execute(
+                """SELECT c.variant, count(DISTINCT c.image_id) FROM captions c
+                   WHERE c.status = 'ok' AND length(trim(c.text)) > 0
+                     AND c.image_id IN (SELECT image_id FROM shard_samples) GROUP BY ALL"""
+            ).fetchall())
+            scan_skips = dict(con.execute("SELECT reason, count FROM scan_skips").fetchall())
+            summ = summary(con, scan_skips)
+        by_bucket: dict[str, list[dict]] = {}
+        for bucket_id, path, samples, nbytes, sha in shard_rows:
+            by_bucket.setdefault(bucket_id, []).append({"path": path, "samples": samples, "bytes": nbytes, "sha256": sha})
+        for s in sources:
+            s["caption_source_id"] = s.pop("source_id")
+        manifest = build_manifest(
+            spec=spec,
+            buckets=bucket_table(spec.buckets.base_resolutions, spec.buckets.divisible),
+            shards_by_bucket=by_bucket,
+            caption_sources=sources,
+            selector_usage=usage,
+            variant_counts=variants,
+            summary=summ,
+            created=datetime.now(timezone.utc).isoformat(),
+        )
+        path = Path(spec.output_dir) / MANIFEST_NAME
+        old = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+        if old is not None and same_content(old, manifest):
+            manifest = old  # nothing changed: keep the file (and its `created`) as it is
+            context.log.info("manifest unchanged")
+        else:
+            atomic_write_text(path, dumps(manifest))
+        return dg.MaterializeResult(
+            metadata={
+                "path": dg.MetadataValue.path(str(path)),
+                "export_id": manifest["export_id"],
+                "buckets": len(manifest["buckets"]),
+                "summary": dg.MetadataValue.json(summ),
+            }
+        )
+
+    return export_manifest
+
+
+def dataset_card_asset(export_manifest: dg.AssetsDefinition) -> dg.AssetsDefinition:
+    @dg.asset(name="dataset_card", group_name="export", deps=[export_manifest], kinds={"markdown"})
+    def dataset_card(dataset: DatasetResource) -> dg.MaterializeResult:
+        """The export's README.md, shaped like the seed dataset card."""
+        spec = dataset.load()
+        out = Path(spec.output_dir)
+        manifest = json.loads((out / MANIFEST_NAME).read_text(encoding="utf-8"))
+        card = render_card(manifest)
+        path = out / "README.md"
+        if not path.is_file() or path.read_text(encoding="utf-8") != card:
+            atomic_write_text(path, card)
+        return dg.MaterializeResult(
+            metadata={"path": dg.MetadataValue.path(str(path)), "card": dg.MetadataValue.md(card)}
+        )
+
+    return dataset_card

@@ -1,0 +1,118 @@
+"""Stage 4: processed images, partitioned by bucket (decode, resize, crop, encode, store)."""
+
+
+import os
+from pathlib import Path
+
+import dagster as dg
+import pyarrow as pa
+
+from bucket_assets.core.atomic import remove_stale_temps
+from bucket_assets.core.db import replace_partitions, table_exists
+from bucket_assets.core.parallel import ordered_map, resolve_workers
+from bucket_assets.core.processing import RenderParams, RenderTask, render, store_path
+from bucket_assets.defs.assets.assignment import bucket_assignments
+from bucket_assets.defs.metadata import md_counts
+from bucket_assets.defs.resources import DatasetResource
+
+PROCESSED_SCHEMA = pa.schema(
+    [
+        ("image_id", pa.string()), ("bucket_id", pa.string()), ("key", pa.string()), ("path", pa.string()),
+        ("fingerprint", pa.string()), ("status", pa.string()), ("error", pa.string()), ("bytes", pa.int64()),
+        ("sha256", pa.string()), ("width", pa.int32()), ("height", pa.int32()), ("subsampling", pa.int8()),
+    ]
+)
+
+
+def processed_images_asset(partitions: dg.PartitionsDefinition) -> dg.AssetsDefinition:
+    @dg.asset(
+        name="processed_images",
+        group_name="images",
+        deps=[bucket_assignments],
+        partitions_def=partitions,
+        backfill_policy=dg.BackfillPolicy.single_run(),
+        kinds={"torch", "pillow"},
+    )
+    def processed_images(context: dg.AssetExecutionContext, dataset: DatasetResource) -> dg.MaterializeResult:
+        """Each planned sample of the bucket rendered once to its final JPEG bytes in the store
+        (`work_dir/processed/<bucket>/<key>.jpg`); unchanged samples are not rendered again."""
+        spec = dataset.load()
+        buckets = list(context.partition_keys)
+        params = RenderParams(
+            spec.image.mode, spec.image.jpeg.quality, spec.image.jpeg.subsampling,
+            spec.image.jpeg.adaptive_threshold, spec.image.max_pixels,
+        )
+        with dataset.db() as con:
+            plan = con.execute(
+                """SELECT a.image_id, a.bucket_id, a.key, r.sha256, r.location, r.member, r.data_offset,
+                          r.byte_size, a.scale, a.resized_w, a.resized_h, a.crop_left, a.crop_top,
+                          a.target_w, a.target_h
+                   FROM bucket_assignments a
+                   JOIN filtered_images f ON f.image_id = a.image_id AND f.decision = 'keep'
+                   JOIN raw_index r ON r.row_id = f.row_id
+                   WHERE a.status = 'ok' AND list_contains(?, a.bucket_id)
+                   ORDER BY a.bucket_id, a.key""",
+                [buckets],
+            ).fetchall()
+            previous = {}
+            if table_exists(con, "processed_images"):
+                for row in con.execute(
+                    "SELECT * FROM processed_images WHERE list_contains(?, bucket_id)", [buckets]
+                ).fetch_arrow_table().to_pylist():
+                    previous[(row["bucket_id"], row["key"])] = row
+        tasks = [
+            RenderTask(*row[:15], out_path=store_path(spec.processed_dir, row[1], row[2]), params=params)
+            for row in plan
+        ]
+        results: dict[int, dict] = {}
+        todo = []
+        for i, t in enumerate(tasks):
+            prev = previous.get((t.bucket_id, t.key))
+            if prev and prev["fingerprint"] == t.fingerprint() and (
+                prev["status"] != "ok" or _file_matches(prev["path"], prev["bytes"])
+            ):
+                results[i] = prev
+            else:
+                todo.append(i)
+        workers = resolve_workers(spec.image.workers)
+        context.log.info(f"{len(tasks)} samples in {len(buckets)} bucket(s); rendering {len(todo)}, reusing {len(tasks) - len(todo)} ({workers} workers)")
+        for i, res in zip(todo, ordered_map(render, [tasks[i] for i in todo], workers, chunksize=4)):
+            results[i] = res
+        rows = [results[i] for i in range(len(tasks))]
+        _prune_store(spec.processed_dir, buckets, {r["path"] for r in rows if r["status"] == "ok"})
+        with dataset.db() as con:
+            replace_partitions(con, "processed_images", pa.Table.from_pylist(rows, schema=PROCESSED_SCHEMA), buckets)
+        statuses: dict[str, int] = {}
+        for r in rows:
+            statuses[r["status"]] = statuses.get(r["status"], 0) + 1
+        return dg.MaterializeResult(
+            metadata={
+                "samples": len(rows),
+                "rendered": len(todo),
+                "reused": len(tasks) - len(todo),
+                "statuses": md_counts(sorted(statuses.items())),
+            }
+        )
+
+    return processed_images
+
+
+def _file_matches(path: str | None, size: int | None) -> bool:
+    try:
+        return path is not None and os.path.getsize(path) == size
+    except OSError:
+        return False
+
+
+def _prune_store(processed_dir: Path, buckets: list[str], keep: set[str]) -> None:
+    """Remove stored files of these buckets that no longer belong to a planned sample."""
+    for b in buckets:
+        d = Path(processed_dir) / b
+        if not d.is_dir():
+            continue
+        remove_stale_temps(d)
+        for p in d.iterdir():
+            if str(p) not in keep:
+                p.unlink()
+        if not any(d.iterdir()):
+            d.rmdir()

@@ -1,0 +1,58 @@
+"""Stage 1: raw index and filter decisions."""
+
+
+import dagster as dg
+import pyarrow as pa
+
+from bucket_assets.core.db import replace_table
+from bucket_assets.core.filters import apply_filters
+from bucket_assets.core.parallel import resolve_workers
+from bucket_assets.core.raw_index import build_raw_index
+from bucket_assets.defs.metadata import md_counts
+from bucket_assets.defs.resources import DatasetResource
+from bucket_assets.spec import check_paths
+
+
+@dg.asset(group_name="ingest", kinds={"duckdb"})
+def raw_index(context: dg.AssetExecutionContext, dataset: DatasetResource) -> dg.MaterializeResult:
+    """One row per source record: where its bytes are, sha256, EXIF-corrected size, format, and
+    the source's caption and metadata (url, similarity, NSFW tag, license)."""
+    spec = dataset.load()
+    check_paths(spec)
+    table, stats = build_raw_index(spec, resolve_workers(spec.image.workers))
+    skips = sorted(stats.counts.items())
+    with dataset.db() as con:
+        replace_table(con, "raw_index", table)
+        replace_table(
+            con,
+            "scan_skips",
+            pa.table({"reason": [k for k, _ in skips], "count": [v for _, v in skips]}, schema=pa.schema([("reason", pa.string()), ("count", pa.int64())])),
+        )
+        by_source = con.execute("SELECT source, count(*) FROM raw_index GROUP BY source ORDER BY source").fetchall()
+    for reason, n in skips:
+        context.log.warning(f"skipped {n} source member(s): {reason}")
+    return dg.MaterializeResult(
+        metadata={
+            "dagster/row_count": table.num_rows,
+            "records_by_source": md_counts(by_source),
+            "members_skipped": dict(skips),
+        }
+    )
+
+
+@dg.asset(group_name="ingest", deps=[raw_index], kinds={"duckdb"})
+def filtered_images(dataset: DatasetResource) -> dg.MaterializeResult:
+    """Exactly one decision per raw record: keep, or the reason it is skipped."""
+    spec = dataset.load()
+    with dataset.db() as con:
+        apply_filters(con, spec.filters)
+        counts = con.execute(
+            "SELECT decision, count(*) FROM filtered_images GROUP BY decision ORDER BY count(*) DESC, decision"
+        ).fetchall()
+    return dg.MaterializeResult(
+        metadata={
+            "dagster/row_count": sum(n for _, n in counts),
+            "kept": dict(counts).get("keep", 0),
+            "decisions": md_counts(counts),
+        }
+    )

@@ -1,0 +1,285 @@
+"""The dataset spec: the YAML contract a user writes, as pydantic models.
+
+`load_spec` parses and validates the shape (unknown keys, wrong types) and resolves
+relative paths against the current working directory. `check_paths` verifies that the
+inputs exist; it runs before any work in `bucket-assets build` and in the first asset.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+DEFAULT_SPEC_PATH = "data/spec.yaml"
+SPEC_ENV_VAR = "BUCKET_ASSETS_SPEC"
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
+
+
+class SpecError(ValueError):
+    """A spec that cannot be used; the message is one line naming the key."""
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _check_name(value: str) -> str:
+    if not _NAME_RE.match(value):
+        raise ValueError("must match [A-Za-z0-9][A-Za-z0-9_-]*")
+    return value
+
+
+class WebDatasetSource(_Model):
+    name: str
+    kind: Literal["webdataset"]
+    paths: list[str] = Field(min_length=1)
+    caption_variant: str = "alt_text"
+    image_extensions: list[str] = ["jpg", "jpeg", "png", "webp"]
+
+    _name = field_validator("name")(_check_name)
+
+
+class ParquetColumns(_Model):
+    id: str = "id"
+    caption: str | None = "caption"
+    fallback_caption: str | None = None
+    width: str | None = None
+    height: str | None = None
+    url: str | None = None
+    license: str | None = None
+
+
+class ParquetSource(_Model):
+    name: str
+    kind: Literal["parquet"]
+    path: str
+    image_dir: str
+    columns: ParquetColumns = ParquetColumns()
+    caption_variant: str = "caption"
+    image_extensions: list[str] = ["jpg", "jpeg", "png", "webp"]
+
+    _name = field_validator("name")(_check_name)
+
+
+class FolderSource(_Model):
+    name: str
+    kind: Literal["folder"]
+    path: str
+    caption_variant: str = "sidecar"
+    image_extensions: list[str] = ["jpg", "jpeg", "png", "webp"]
+
+    _name = field_validator("name")(_check_name)
+
+
+Source = Annotated[Union[WebDatasetSource, ParquetSource, FolderSource], Field(discriminator="kind")]
+
+
+class Filters(_Model):
+    min_similarity: float | None = 0.3
+    drop_nsfw: list[str] = ["NSFW"]
+    drop_blank: bool = True
+    # Standard deviation (0-255 grey levels) of a small thumbnail below which an image is blank.
+    blank_std_threshold: float = Field(default=2.0, ge=0)
+    drop_duplicates: bool = True
+
+
+class Buckets(_Model):
+    base_resolutions: list[int] = Field(default=[512], min_length=1)
+    divisible: int = Field(default=32, ge=1)
+
+    @field_validator("base_resolutions")
+    @classmethod
+    def _bases(cls, v: list[int]) -> list[int]:
+        if any(b < 64 or b > 4096 for b in v):
+            raise ValueError("each base resolution must be between 64 and 4096")
+        if len(set(v)) != len(v):
+            raise ValueError("base resolutions must be distinct")
+        return v
+
+
+class Crop(_Model):
+    strategy: Literal["corner", "center"] = "corner"
+    allowed_corners: list[Literal[0, 1, 2, 3]] = Field(default=[2, 3], min_length=1)
+    jitter: int = Field(default=0, ge=0)
+
+
+class Jpeg(_Model):
+    quality: int = Field(default=95, ge=1, le=100)
+    subsampling: Literal["adaptive_scale", "4:4:4", "4:2:2", "4:2:0"] = "adaptive_scale"
+    adaptive_threshold: float = Field(default=0.85, gt=0, le=1)
+
+
+class ImageSpec(_Model):
+    mode: Literal["reencode_jpeg", "passthrough_jpeg"] = "reencode_jpeg"
+    crop: Crop = Crop()
+    jpeg: Jpeg = Jpeg()
+    # Images whose declared pixel count exceeds this are rejected as too_large before decoding.
+    max_pixels: int = Field(default=100_000_000, ge=1)
+    # Worker processes for decode/resize/encode; 0 means one per CPU core.
+    workers: int = Field(default=0, ge=0)
+
+
+class Captions(_Model):
+    landing_dir: str = "data/captions"
+    selectors: list[str] = Field(
+        default=["caption_gemini_2_flash_lite", "caption_mistral_medium_3_1", "alt_text"], min_length=1
+    )
+    missing: Literal["empty", "drop"] = "empty"
+    max_chars: int = Field(default=20_000, ge=1)
+
+
+class Shards(_Model):
+    max_samples: int = Field(default=1000, ge=1)
+    max_bytes: int = Field(default=1_000_000_000, ge=10_000)
+
+
+class Spec(_Model):
+    name: str
+    output_dir: str
+    work_dir: str
+    sources: list[Source] = Field(min_length=1)
+    filters: Filters = Filters()
+    buckets: Buckets = Buckets()
+    image: ImageSpec = ImageSpec()
+    captions: Captions = Captions()
+    shards: Shards = Shards()
+
+    _name = field_validator("name")(_check_name)
+
+    @model_validator(mode="after")
+    def _unique_sources(self) -> "Spec":
+        seen: set[str] = set()
+        for s in self.sources:
+            if s.name in seen:
+                raise ValueError(f"two sources are named {s.name!r}")
+            seen.add(s.name)
+        if len(set(self.captions.selectors)) != len(self.captions.selectors):
+            raise ValueError("captions.selectors lists a variant twice")
+        return self
+
+    # Derived locations -----------------------------------------------------------
+    @property
+    def db_path(self) -> Path:
+        return Path(self.work_dir) / "metadata.duckdb"
+
+    @property
+    def processed_dir(self) -> Path:
+        return Path(self.work_dir) / "processed"
+
+    @property
+    def multi_res(self) -> bool:
+        return len(self.buckets.base_resolutions) > 1
+
+    def fingerprint(self) -> str:
+        """sha256 of the canonical spec; part of the export id."""
+        return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
+
+
+def _loc(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part in ("webdataset", "parquet", "folder") and out.endswith("]"):
+            continue  # discriminator tag pydantic inserts into the path
+        else:
+            out += ("." if out else "") + str(part)
+    return out or "<root>"
+
+
+def parse_spec(data: object, base_dir: Path | None = None) -> Spec:
+    """Validate a spec mapping; relative paths resolve against base_dir (default: cwd)."""
+    if not isinstance(data, dict):
+        raise SpecError("spec error: the spec must be a YAML mapping")
+    try:
+        spec = Spec.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif err["type"] == "missing":
+            msg = "required key is missing"
+        raise SpecError(f"spec error at {_loc(err['loc'])}: {msg}") from None
+    return _resolve(spec, base_dir or Path.cwd())
+
+
+def _abs(base: Path, p: str) -> str:
+    return str((base / os.path.expanduser(p)).resolve()) if not os.path.isabs(p) else os.path.normpath(p)
+
+
+def _resolve(spec: Spec, base: Path) -> Spec:
+    sources = []
+    for s in spec.sources:
+        if isinstance(s, WebDatasetSource):
+            sources.append(s.model_copy(update={"paths": [_abs(base, p) for p in s.paths]}))
+        elif isinstance(s, ParquetSource):
+            sources.append(s.model_copy(update={"path": _abs(base, s.path), "image_dir": _abs(base, s.image_dir)}))
+        else:
+            sources.append(s.model_copy(update={"path": _abs(base, s.path)}))
+    captions = spec.captions.model_copy(update={"landing_dir": _abs(base, spec.captions.landing_dir)})
+    return spec.model_copy(
+        update={
+            "output_dir": _abs(base, spec.output_dir),
+            "work_dir": _abs(base, spec.work_dir),
+            "sources": sources,
+            "captions": captions,
+        }
+    )
+
+
+def load_spec(path: str | os.PathLike | None = None) -> Spec:
+    """Load the spec from `path`, else $BUCKET_ASSETS_SPEC, else data/spec.yaml."""
+    path = Path(path or os.environ.get(SPEC_ENV_VAR) or DEFAULT_SPEC_PATH)
+    if not path.is_file():
+        raise SpecError(f"spec error: spec file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise SpecError(f"spec error: {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    return parse_spec(data)
+
+
+def resolve_spec_path(path: str | os.PathLike | None = None) -> str:
+    return str(Path(path or os.environ.get(SPEC_ENV_VAR) or DEFAULT_SPEC_PATH).resolve())
+
+
+def _inside(child: str, parent: str) -> bool:
+    c, p = Path(child).resolve(), Path(parent).resolve()
+    return c == p or p in c.parents
+
+
+def check_paths(spec: Spec) -> None:
+    """Fail with one line naming the key when an input is missing or an output overlaps an input."""
+    for i, s in enumerate(spec.sources):
+        where = f"sources[{i}]"
+        if isinstance(s, WebDatasetSource):
+            for j, pattern in enumerate(s.paths):
+                if not glob.glob(pattern):
+                    raise SpecError(f"spec error at {where}.paths[{j}]: no file matches {pattern}")
+            inputs = [os.path.dirname(p) for p in s.paths]
+        elif isinstance(s, ParquetSource):
+            if not os.path.isfile(s.path):
+                raise SpecError(f"spec error at {where}.path: file {s.path} does not exist")
+            if not os.path.isdir(s.image_dir):
+                raise SpecError(f"spec error at {where}.image_dir: directory {s.image_dir} does not exist")
+            inputs = [s.image_dir, os.path.dirname(s.path)]
+        else:
+            if not os.path.isdir(s.path):
+                raise SpecError(f"spec error at {where}.path: directory {s.path} does not exist")
+            inputs = [s.path]
+        for d in inputs:
+            for key, out in (("output_dir", spec.output_dir), ("work_dir", spec.work_dir)):
+                if _inside(out, d) or _inside(d, out):
+                    raise SpecError(f"spec error at {key}: {out} overlaps the input {where} ({d})")
+    if _inside(spec.output_dir, spec.work_dir) or _inside(spec.work_dir, spec.output_dir):
+        raise SpecError("spec error at output_dir: output_dir and work_dir must not contain each other")
