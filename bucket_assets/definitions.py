@@ -33,7 +33,6 @@ def build_definitions(spec_path: str | None = None) -> dg.Definitions:
     build_job = dg.define_asset_job(
         BUILD_JOB,
         selection=dg.AssetSelection.all(),
-        partitions_def=partitions,
         executor_def=dg.in_process_executor,
         description="Every asset, every bucket partition, in one run (bucket-assets build).",
     )

@@ -49,20 +49,33 @@ def load_photos() -> dict[str, Image.Image]:
     return out
 
 
-def _cut(rng: np.random.RandomState, img: Image.Image, aspect: float, min_long: int) -> Image.Image:
-    """A crop of `img` with the given aspect, as large as possible, then scaled down a little."""
+def _cut(rng: np.random.RandomState, img: Image.Image, aspect: float, min_size: tuple[int, int] = (0, 0)) -> Image.Image:
+    """A crop of `img` at `aspect`, as large as fits, then scaled down at random but never below
+    `min_size` (so it still fills the bucket it will land in)."""
     w, h = img.size
     cw, ch = (w, round(w / aspect)) if w / h < aspect else (round(h * aspect), h)
     cw, ch = min(cw, w), min(ch, h)
     left = rng.randint(0, w - cw + 1)
     top = rng.randint(0, h - ch + 1)
     out = img.crop((left, top, left + cw, top + ch))
-    long_side = max(out.size)
-    target = int(rng.randint(min(min_long, long_side), long_side + 1))
-    if target < long_side:
-        f = target / long_side
-        out = out.resize((max(1, round(out.width * f)), max(1, round(out.height * f))), Image.LANCZOS)
+    floor = min(1.0, max(min_size[0] / cw, min_size[1] / ch, 0.3))
+    f = float(rng.uniform(floor, 1.0))
+    if f < 1.0:
+        size = (max(min_size[0], 1, round(cw * f)), max(min_size[1], 1, round(ch * f)))
+        out = out.resize(size, Image.LANCZOS)
     return out
+
+
+def _fit(rng: np.random.RandomState, photos: dict, aspect: float) -> Image.Image:
+    """A cut from the largest photo, sized to fill its 512-base bucket."""
+    from bucket_assets.core.buckets import bucket_table, nearest_bucket
+
+    b = nearest_bucket(round(1000 * aspect), 1000, bucket_table([512], 32))
+    # Slightly above the target so the cover-resize has work to do.
+    need = (b.w + 8, b.h + 8)
+    candidates = [n for n in BIG if photos[n].width >= need[0] and photos[n].height >= need[1]]
+    name = candidates[rng.randint(0, len(candidates))]
+    return name, _cut(rng, photos[name], aspect, need)
 
 
 def _jpeg(img: Image.Image, quality: int = 90, **kw) -> bytes:
@@ -94,7 +107,8 @@ def _tar(path: Path, members: list[tuple[str, bytes]]) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
-ASPECTS = [1.0, 1.46, 0.68, 1.33, 0.75, 1.78, 0.56, 2.0, 0.5, 1.2, 0.83, 2.5, 0.4, 3.0, 1.0, 1.5]
+ASPECTS = [1.0, 1.46, 0.68, 1.33, 0.75, 1.78, 0.56, 2.0, 0.5, 1.2, 0.83, 2.5, 0.4, 3.0, 1.0, 1.5, 0.36, 1.1]
+BIG = ["retina.jpg", "hubble_deep_field.jpg", "motorcycle_left.png", "motorcycle_right.png"]
 
 
 def generate(root: str | Path = "data", seed: int = 0) -> dict[str, int]:
@@ -102,8 +116,6 @@ def generate(root: str | Path = "data", seed: int = 0) -> dict[str, int]:
     root = Path(root)
     rng = np.random.RandomState(seed)
     photos = load_photos()
-    names = list(PHOTOS)
-    big = ["retina.jpg", "hubble_deep_field.jpg", "motorcycle_left.png", "motorcycle_right.png"]
     counts = {}
     all_ids: list[tuple[str, str]] = []  # (image_id, photo name)
 
@@ -113,13 +125,16 @@ def generate(root: str | Path = "data", seed: int = 0) -> dict[str, int]:
     first_jpeg = None
     for i in range(24):
         key = f"{i:09d}"
-        photo = big[i % len(big)] if i % 3 else names[i % len(names)]
-        img = _cut(rng, photos[photo], ASPECTS[i % len(ASPECTS)], 700)
+        photo, img = _fit(rng, photos, ASPECTS[i % len(ASPECTS)])
         nsfw, sim = "UNLIKELY", round(float(rng.uniform(0.31, 0.45)), 4)
         if i == 3:
-            data = _jpeg(img)[:4000]  # truncated download
+            data = _jpeg(img)[:6000]  # truncated download
         elif i == 5:
-            data = _jpeg(img.resize((160, 120)))  # too small for every bucket
+            photo = "chelsea.png"
+            data = _jpeg(photos[photo])  # 451x300: too small for every 512-base bucket
+        elif i == 6:
+            photo = "astronaut.png"
+            data = _png(photos[photo])  # exactly 512x512: fills p1024x1024 with no resize
         elif i == 7:
             data = _jpeg(img.convert("CMYK"))
         elif i == 9:
@@ -163,8 +178,7 @@ def generate(root: str | Path = "data", seed: int = 0) -> dict[str, int]:
     rows = {"id": [], "cogvlm_caption": [], "tags": [], "width": [], "height": [], "url": []}
     for i in range(16):
         pid = 5000 + i
-        photo = big[(i + 1) % len(big)] if i % 4 else names[(i + 2) % len(names)]
-        img = _cut(rng, photos[photo], ASPECTS[(i + 5) % len(ASPECTS)], 650)
+        photo, img = _fit(rng, photos, ASPECTS[(i + 5) % len(ASPECTS)])
         if i == 2:
             ext, data = "png", _png(img.convert("RGBA"))
         elif i == 4:
@@ -195,8 +209,7 @@ def generate(root: str | Path = "data", seed: int = 0) -> dict[str, int]:
     folder = root / "raw" / "folder"
     for i in range(6):
         stem = f"folder_img_{i:02d}"
-        photo = big[i % len(big)]
-        img = _cut(rng, photos[photo], ASPECTS[(i + 9) % len(ASPECTS)], 700)
+        photo, img = _fit(rng, photos, ASPECTS[(i + 9) % len(ASPECTS)])
         if i == 1:
             arr = (np.asarray(img.convert("L"), dtype=np.uint16) * 257)
             ext, data = "png", _png(Image.fromarray(arr))

@@ -143,7 +143,7 @@ def decode_rgb(data: bytes, max_pixels: int) -> np.ndarray:
             except Exception:  # noqa: BLE001 - corrupt EXIF: keep the stored orientation
                 pass
             rgb = to_rgb(img)
-            return np.asarray(rgb, dtype=np.uint8)
+            return np.array(rgb, dtype=np.uint8)  # writable: torch.from_numpy warns on read-only
     except ImageError:
         raise
     except Exception as exc:  # noqa: BLE001

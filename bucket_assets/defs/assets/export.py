@@ -121,7 +121,7 @@ def bucket_shards_asset(partitions: dg.PartitionsDefinition, processed_images: d
         for bucket_id in context.partition_keys:
             with dataset.db() as con:
                 rows = (
-                    con.execute(SAMPLES_SQL, [bucket_id]).fetch_arrow_table().to_pylist()
+                    con.execute(SAMPLES_SQL, [bucket_id]).to_arrow_table().to_pylist()
                     if table_exists(con, "processed_images")
                     else []
                 )
@@ -156,7 +156,7 @@ def export_manifest_asset(bucket_shards: dg.AssetsDefinition) -> dg.AssetsDefini
             ).fetchall()
             sources = con.execute(
                 "SELECT * EXCLUDE (file_sha256) FROM caption_sources ORDER BY source_id"
-            ).fetch_arrow_table().to_pylist()
+            ).to_arrow_table().to_pylist()
             usage = dict(con.execute(
                 """SELECT sc.caption_selector_index, count(DISTINCT sc.image_id) FROM shard_samples s
                    JOIN selected_captions sc USING (image_id)

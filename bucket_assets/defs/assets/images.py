@@ -58,7 +58,7 @@ def processed_images_asset(partitions: dg.PartitionsDefinition) -> dg.AssetsDefi
             if table_exists(con, "processed_images"):
                 for row in con.execute(
                     "SELECT * FROM processed_images WHERE list_contains(?, bucket_id)", [buckets]
-                ).fetch_arrow_table().to_pylist():
+                ).to_arrow_table().to_pylist():
                     previous[(row["bucket_id"], row["key"])] = row
         tasks = [
             RenderTask(*row[:15], out_path=store_path(spec.processed_dir, row[1], row[2]), params=params)

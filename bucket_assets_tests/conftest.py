@@ -1,0 +1,79 @@
+"""Shared fixtures: the sample dataset generated once per session, and specs pointing at it."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+import dagster as dg
+
+from bucket_assets.core.buckets import bucket_table
+from bucket_assets.definitions import BUILD_JOB, build_definitions
+from bucket_assets.sample import generate
+from bucket_assets.spec import load_spec
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def sample_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("sample")
+    generate(root)
+    return root
+
+
+def spec_dict(sample_root: Path, out: Path, **overrides) -> dict:
+    raw = sample_root / "raw"
+    spec = yaml.safe_load((REPO / "data" / "spec.yaml").read_text())
+    spec["output_dir"] = str(out / "export")
+    spec["work_dir"] = str(out / "work")
+    spec["sources"][0]["paths"] = [str(raw / "laion" / "*.tar")]
+    spec["sources"][1]["path"] = str(raw / "pcb" / "photo-concept-bucket.parquet")
+    spec["sources"][1]["image_dir"] = str(raw / "pcb" / "train")
+    spec["sources"][2]["path"] = str(raw / "folder")
+    spec["captions"]["landing_dir"] = str(sample_root / "captions")
+    spec["image"]["workers"] = 1
+    for dotted, value in overrides.items():
+        node = spec
+        *parents, last = dotted.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = value
+    return spec
+
+
+@pytest.fixture
+def make_spec(sample_root, tmp_path):
+    def _make(name: str = "build", **overrides) -> Path:
+        out = tmp_path / name
+        out.mkdir(parents=True, exist_ok=True)
+        path = out / "spec.yaml"
+        path.write_text(yaml.safe_dump(spec_dict(sample_root, out, **overrides)))
+        return path
+
+    return _make
+
+
+def materialize_all(spec_path: Path, instance: dg.DagsterInstance | None = None) -> dg.ExecuteInProcessResult:
+    """Run the real build job (all assets, all bucket partitions, checks) in process."""
+    defs = build_definitions(str(spec_path))
+    spec = load_spec(spec_path)
+    ids = [b.id for b in bucket_table(spec.buckets.base_resolutions, spec.buckets.divisible)]
+    job = defs.resolve_job_def(BUILD_JOB)
+    return job.execute_in_process(
+        instance=instance or dg.DagsterInstance.ephemeral(),
+        tags={"dagster/asset_partition_range_start": ids[0], "dagster/asset_partition_range_end": ids[-1]},
+    )
+
+
+def run_cli(*args: str, env: dict | None = None, cwd: Path | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    exe = shutil.which("bucket-assets", path=os.path.dirname(sys.executable))
+    cmd = [exe, *args] if exe else [sys.executable, "-m", "bucket_assets.cli", *args]
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run(cmd, capture_output=True, text=True, env=full_env, cwd=cwd, timeout=timeout)

@@ -1,0 +1,306 @@
+"""Pixels: decode to RGB, probe headers, torch cover-resize, crop, JPEG encode."""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image, JpegImagePlugin
+
+from bucket_assets.core.imaging import (
+    SUBSAMPLING,
+    ImageError,
+    crop,
+    decode_rgb,
+    encode_jpeg,
+    is_jpeg,
+    probe,
+    resize_cover,
+    subsampling_for,
+)
+
+MAX = 100_000_000
+
+
+def _save(img: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def _noise(h: int, w: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, size=(h, w, 3), dtype=np.uint8)
+
+
+def _exif_jpeg(w: int, h: int, orientation: int) -> bytes:
+    arr = np.zeros((h, w, 3), dtype=np.uint8)
+    arr[:, : w // 2] = (255, 0, 0)
+    arr[:, w // 2 :] = (0, 0, 255)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    return _save(Image.fromarray(arr), "JPEG", quality=95, exif=exif.tobytes())
+
+
+def _png_with_declared_size(width: int, height: int) -> bytes:
+    """A valid 1x1 PNG whose IHDR is rewritten to declare width x height (CRC fixed)."""
+    data = bytearray(_save(Image.new("RGB", (1, 1)), "PNG"))
+    assert data[12:16] == b"IHDR"
+    ihdr = bytearray(data[16:29])
+    ihdr[0:8] = struct.pack(">II", width, height)
+    data[16:29] = ihdr
+    data[29:33] = struct.pack(">I", zlib.crc32(b"IHDR" + bytes(ihdr)) & 0xFFFFFFFF)
+    return bytes(data)
+
+
+# resize_cover -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("src, dst", [((97, 131), (40, 57)), ((64, 64), (32, 48)), ((50, 80), (50, 41))])
+def test_resize_cover_matches_torch_bicubic_antialias(src, dst):
+    h, w = src
+    rh, rw = dst
+    rgb = _noise(h, w, seed=h * w)
+    got = resize_cover(rgb, rw, rh)
+    x = torch.from_numpy(rgb).permute(2, 0, 1).unsqueeze(0)
+    ref = F.interpolate(x.float(), size=(rh, rw), mode="bicubic", antialias=True)
+    ref = ref.round().clamp(0, 255).to(torch.uint8)[0].permute(1, 2, 0).numpy()
+    assert got.dtype == np.uint8
+    assert got.shape == (rh, rw, 3)
+    assert np.array_equal(got, ref)
+
+
+def test_resize_cover_same_size_is_identity():
+    rgb = _noise(20, 30)
+    assert np.array_equal(resize_cover(rgb, 30, 20), rgb)
+
+
+def test_resize_cover_uniform_stays_uniform():
+    rgb = np.full((100, 80, 3), 77, dtype=np.uint8)
+    out = resize_cover(rgb, 33, 41)
+    assert (out == 77).all()
+
+
+def test_crop_box_and_bounds():
+    rgb = np.arange(5 * 6 * 3, dtype=np.uint8).reshape(5, 6, 3)
+    out = crop(rgb, 1, 2, 4, 3)
+    assert np.array_equal(out, rgb[2:5, 1:5])
+    with pytest.raises(ValueError):
+        crop(rgb, 3, 0, 4, 3)
+    with pytest.raises(ValueError):
+        crop(rgb, -1, 0, 2, 2)
+
+
+# decode_rgb -------------------------------------------------------------------------------
+
+
+def test_decode_exif_orientation_6_is_transposed():
+    data = _exif_jpeg(40, 20, 6)
+    stored = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+    assert stored.shape == (20, 40, 3)
+    out = decode_rgb(data, MAX)
+    assert out.shape == (40, 20, 3)  # width and height swapped
+    # orientation 6 = rotate 90 degrees clockwise for display
+    assert np.array_equal(out, np.rot90(stored, k=-1))
+    # the stored left half (red) ends up on top
+    assert out[5, 10, 0] > 200 and out[5, 10, 2] < 60
+    assert out[35, 10, 2] > 200 and out[35, 10, 0] < 60
+
+
+def test_decode_exif_orientation_1_unchanged():
+    out = decode_rgb(_exif_jpeg(40, 20, 1), MAX)
+    assert out.shape == (20, 40, 3)
+
+
+def test_decode_rgba_png_composited_on_white():
+    arr = np.zeros((2, 3, 4), dtype=np.uint8)
+    arr[0, 0] = (10, 20, 30, 0)  # fully transparent -> white
+    arr[0, 1] = (10, 20, 30, 255)  # opaque -> unchanged
+    arr[0, 2] = (0, 0, 0, 128)  # half-transparent black -> mid grey
+    arr[1, :] = (200, 100, 50, 255)
+    out = decode_rgb(_save(Image.fromarray(arr, "RGBA"), "PNG"), MAX)
+    assert out.shape == (2, 3, 3) and out.dtype == np.uint8
+    assert tuple(out[0, 0]) == (255, 255, 255)
+    assert tuple(out[0, 1]) == (10, 20, 30)
+    assert all(abs(int(c) - 127) <= 1 for c in out[0, 2])
+    assert (out[1] == (200, 100, 50)).all()
+
+
+def test_decode_la_png_composited_on_white():
+    img = Image.new("LA", (2, 1))
+    img.putpixel((0, 0), (0, 0))
+    img.putpixel((1, 0), (40, 255))
+    out = decode_rgb(_save(img, "PNG"), MAX)
+    assert tuple(out[0, 0]) == (255, 255, 255)
+    assert tuple(out[0, 1]) == (40, 40, 40)
+
+
+def test_decode_16bit_grey_png_scaled_not_clipped():
+    v = np.arange(256, dtype=np.uint16).reshape(16, 16)
+    img = Image.fromarray(v * 257)
+    data = _save(img, "PNG")
+    assert Image.open(io.BytesIO(data)).mode.startswith("I")
+    out = decode_rgb(data, MAX)
+    assert out.shape == (16, 16, 3)
+    for c in range(3):
+        assert np.array_equal(out[:, :, c], v.astype(np.uint8))
+
+
+def test_decode_16bit_grey_rounds_to_nearest():
+    # 0x8000 = 32768 -> 32768*255/65535 = 127.5 -> 128; 0x7F7F = 32639 -> 127.0
+    img = Image.fromarray(np.array([[32768, 32639, 65535, 1]], dtype=np.uint16))
+    out = decode_rgb(_save(img, "PNG"), MAX)
+    assert out[0, :, 0].tolist() == [128, 127, 255, 0]
+
+
+def test_decode_cmyk_jpeg_to_rgb():
+    img = Image.new("CMYK", (16, 8), (0, 255, 255, 0))  # pure red in CMYK
+    data = _save(img, "JPEG", quality=95)
+    assert Image.open(io.BytesIO(data)).mode == "CMYK"
+    out = decode_rgb(data, MAX)
+    assert out.shape == (8, 16, 3) and out.dtype == np.uint8
+    r, g, b = (int(x) for x in out[4, 8])
+    assert r > 200 and g < 60 and b < 60
+
+
+def test_decode_palette_with_transparency():
+    img = Image.new("P", (2, 1))
+    img.putpalette([0, 255, 0, 255, 0, 0] + [0] * (256 * 3 - 6))
+    img.putpixel((0, 0), 0)
+    img.putpixel((1, 0), 1)
+    data = _save(img, "PNG", transparency=0)
+    out = decode_rgb(data, MAX)
+    assert tuple(out[0, 0]) == (255, 255, 255)  # transparent green -> white
+    assert tuple(out[0, 1]) == (255, 0, 0)
+
+
+def test_decode_plain_rgb_png_roundtrip():
+    arr = _noise(7, 9)
+    assert np.array_equal(decode_rgb(_save(Image.fromarray(arr), "PNG"), MAX), arr)
+
+
+def test_decode_grey_png_to_rgb():
+    arr = np.arange(12, dtype=np.uint8).reshape(3, 4) * 20
+    out = decode_rgb(_save(Image.fromarray(arr, "L"), "PNG"), MAX)
+    assert out.shape == (3, 4, 3)
+    assert np.array_equal(out[:, :, 1], arr)
+
+
+def test_decode_truncated_jpeg_is_decode_error():
+    data = _save(Image.fromarray(_noise(128, 128)), "JPEG", quality=90)
+    with pytest.raises(ImageError) as ei:
+        decode_rgb(data[: len(data) // 2], MAX)
+    assert ei.value.reason == "decode_error"
+
+
+@pytest.mark.parametrize("data", [b"", bytes(np.random.default_rng(1).integers(0, 256, 1000, dtype=np.uint8)), b"\xff\xd8\xff"])
+def test_decode_garbage_is_decode_error(data):
+    with pytest.raises(ImageError) as ei:
+        decode_rgb(data, MAX)
+    assert ei.value.reason == "decode_error"
+
+
+def test_decode_declared_too_large_rejected_before_decoding():
+    data = _png_with_declared_size(100_000, 100_000)
+    with pytest.raises(ImageError) as ei:
+        decode_rgb(data, MAX)
+    assert ei.value.reason == "too_large"
+    assert "100000x100000" in str(ei.value)
+
+
+def test_decode_max_pixels_boundary():
+    data = _save(Image.fromarray(_noise(10, 10)), "PNG")
+    assert decode_rgb(data, 100).shape == (10, 10, 3)  # exactly max_pixels is allowed
+    with pytest.raises(ImageError) as ei:
+        decode_rgb(data, 99)
+    assert ei.value.reason == "too_large"
+
+
+# probe ------------------------------------------------------------------------------------------
+
+
+def test_probe_exif_corrected_size():
+    h = probe(_exif_jpeg(40, 20, 6), MAX)
+    assert (h.width, h.height) == (20, 40)
+    assert h.orientation == 6 and h.format == "JPEG" and h.mode == "RGB"
+    h1 = probe(_exif_jpeg(40, 20, 1), MAX)
+    assert (h1.width, h1.height, h1.orientation) == (40, 20, 1)
+
+
+def test_probe_blank_std():
+    uniform = _save(Image.new("RGB", (256, 192), (120, 130, 140)), "JPEG", quality=95)
+    # coarse noise (32 px cells) survives the thumbnail reduction; fine noise averages out
+    cells = np.kron(_noise(6, 8), np.ones((32, 32, 1), dtype=np.uint8))
+    noise = _save(Image.fromarray(cells), "PNG")
+    hu = probe(uniform, MAX)
+    hn = probe(noise, MAX)
+    assert hu.blank_std is not None and hu.blank_std < 0.5
+    assert hn.blank_std is not None and hn.blank_std > 20
+    # an almost-uniform image with a tiny speck is still near-blank
+    speck = np.full((192, 256, 3), 90, dtype=np.uint8)
+    speck[0, 0] = 0
+    assert probe(_save(Image.fromarray(speck), "PNG"), MAX).blank_std < 2.0
+    assert (hn.width, hn.height, hn.format) == (256, 192, "PNG")
+
+
+def test_probe_without_blank_measure():
+    h = probe(_save(Image.new("RGB", (8, 6)), "PNG"), MAX, measure_blank=False)
+    assert h.blank_std is None and (h.width, h.height) == (8, 6)
+
+
+def test_probe_errors():
+    with pytest.raises(ImageError) as ei:
+        probe(_png_with_declared_size(100_000, 100_000), MAX)
+    assert ei.value.reason == "too_large"
+    with pytest.raises(ImageError) as ei:
+        probe(b"not an image at all", MAX)
+    assert ei.value.reason == "decode_error"
+    with pytest.raises(ImageError) as ei:
+        probe(b"", MAX)
+    assert ei.value.reason == "decode_error"
+
+
+# JPEG encoding -------------------------------------------------------------------------------------
+
+
+def test_subsampling_adaptive_scale():
+    assert subsampling_for("adaptive_scale", 0.5, 0.85) == 0
+    assert subsampling_for("adaptive_scale", 0.8499, 0.85) == 0
+    assert subsampling_for("adaptive_scale", 0.85, 0.85) == 2
+    assert subsampling_for("adaptive_scale", 1.0, 0.85) == 2
+
+
+@pytest.mark.parametrize("policy, code", [("4:4:4", 0), ("4:2:2", 1), ("4:2:0", 2)])
+def test_subsampling_fixed_policies(policy, code):
+    assert SUBSAMPLING[policy] == code
+    assert subsampling_for(policy, 0.1, 0.85) == code
+    assert subsampling_for(policy, 1.0, 0.85) == code
+
+
+@pytest.mark.parametrize("code", [0, 1, 2])
+def test_encode_jpeg_deterministic_and_uses_subsampling(code):
+    rgb = _noise(48, 64, seed=code)
+    a = encode_jpeg(rgb, 95, code)
+    b = encode_jpeg(rgb.copy(), 95, code)
+    assert a == b
+    assert is_jpeg(a)
+    with Image.open(io.BytesIO(a)) as im:
+        assert im.size == (64, 48) and im.mode == "RGB"
+        assert JpegImagePlugin.get_sampling(im) == code
+
+
+def test_encode_jpeg_accepts_non_contiguous_crop():
+    rgb = _noise(40, 40)
+    view = rgb[5:37, 3:35]
+    assert not view.flags["C_CONTIGUOUS"]
+    assert encode_jpeg(view, 90, 0) == encode_jpeg(np.ascontiguousarray(view), 90, 0)
+
+
+def test_is_jpeg():
+    assert is_jpeg(_save(Image.new("RGB", (2, 2)), "JPEG"))
+    assert not is_jpeg(_save(Image.new("RGB", (2, 2)), "PNG"))
+    assert not is_jpeg(b"")
