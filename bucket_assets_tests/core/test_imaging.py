@@ -304,3 +304,19 @@ def test_is_jpeg():
     assert is_jpeg(_save(Image.new("RGB", (2, 2)), "JPEG"))
     assert not is_jpeg(_save(Image.new("RGB", (2, 2)), "PNG"))
     assert not is_jpeg(b"")
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG imaging.to_rgb: only mode P honours PNG tRNS transparency; an L or RGB PNG with a "
+    "colour-key transparency keeps the key colour instead of being composited on white",
+)
+@pytest.mark.parametrize("mode, key, opaque", [("L", 0, 200), ("RGB", (0, 0, 0), (200, 10, 10))])
+def test_decode_colour_key_transparency_composited_on_white(mode, key, opaque):
+    img = Image.new(mode, (2, 1))
+    img.putpixel((1, 0), opaque)
+    data = _save(img, "PNG", transparency=key)
+    # Pillow itself treats the key colour as fully transparent
+    assert np.asarray(Image.open(io.BytesIO(data)).convert("RGBA"))[0, 0, 3] == 0
+    out = decode_rgb(data, MAX)
+    assert tuple(out[0, 0]) == (255, 255, 255)
