@@ -57,7 +57,8 @@ def summary(con: duckdb.DuckDBPyConnection, scan_skips: dict[str, int]) -> dict:
     }
     for reason in ALWAYS_REPORTED:
         counts.setdefault(reason, 0)
-    for reason in sorted(counts):
+    # skipped_* first (sorted), then the seed card's error counters.
+    for reason in sorted(counts, key=lambda r: (r in SEED_NAMES, r)):
         out[SEED_NAMES.get(reason, f"skipped_{reason}")] = counts[reason]
     out["tar_members_skipped"] = dict(sorted(scan_skips.items()))
     return out

@@ -170,7 +170,7 @@ candidates AS (
     FROM captions c
     JOIN sel ON sel.variant = c.variant
     JOIN caption_sources s ON s.source_id = c.source_id
-    WHERE c.status = 'ok' AND c.text IS NOT NULL AND length(trim(c.text)) > 0
+    WHERE c.status = 'ok' AND c.text IS NOT NULL AND length(trim(c.text, ' \t\n\r')) > 0
 )
 SELECT i.image_id,
        coalesce(w.text, '') AS text,

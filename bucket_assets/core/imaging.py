@@ -117,8 +117,8 @@ def to_rgb(img: Image.Image) -> Image.Image:
         return _sixteen_bit_to_l(img).convert("RGB")
     if img.mode == "F":
         return img.convert("L").convert("RGB")
-    if img.mode == "P" and "transparency" in img.info:
-        img = img.convert("RGBA")
+    if img.mode in ("P", "L", "RGB") and "transparency" in img.info:
+        img = img.convert("RGBA")  # palette or colour-key transparency
     if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
         return _composite_on_white(img)
     if icc and img.mode in ("RGB", "CMYK", "L"):

@@ -21,6 +21,7 @@ MEMBER_EXTS = ("jpg", "txt", "json")
 SHARD_NAME = "shard-{:06d}.tar"
 SHARD_RE = re.compile(r"^shard-(\d{6})\.tar$")
 _KEY_SAFE = re.compile(r"[^A-Za-z0-9_-]")
+_HASHED_KEY = re.compile(r"-[0-9a-f]{12}$")
 _MAX_KEY = 80  # USTAR names are 100 bytes; leave room for ".json"
 
 # Per-sample JSON keys: the same set and types in every sample (null where unknown).
@@ -37,7 +38,8 @@ def sample_key(image_id: str) -> str:
     original id so two ids never collide.
     """
     safe = _KEY_SAFE.sub("_", image_id)
-    if safe == image_id and len(safe) <= _MAX_KEY:
+    # An id that already looks like a hashed key is hashed too, so it cannot equal another's.
+    if safe == image_id and len(safe) <= _MAX_KEY and not _HASHED_KEY.search(safe):
         return safe
     digest = hashlib.sha256(image_id.encode("utf-8")).hexdigest()[:12]
     return f"{safe[: _MAX_KEY - 13]}-{digest}"

@@ -306,11 +306,6 @@ def test_is_jpeg():
     assert not is_jpeg(b"")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG imaging.to_rgb: only mode P honours PNG tRNS transparency; an L or RGB PNG with a "
-    "colour-key transparency keeps the key colour instead of being composited on white",
-)
 @pytest.mark.parametrize("mode, key, opaque", [("L", 0, 200), ("RGB", (0, 0, 0), (200, 10, 10))])
 def test_decode_colour_key_transparency_composited_on_white(mode, key, opaque):
     img = Image.new(mode, (2, 1))
