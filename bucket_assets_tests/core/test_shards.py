@@ -62,11 +62,6 @@ def test_sample_key_long_ids_bounded_and_distinct():
     assert len((sample_key("y/" * 100) + ".json").encode()) <= 100
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG shards.sample_key: an already-safe id equal to another id's sanitised key "
-    "(e.g. 'a_b-' + sha256('a.b')[:12]) is kept unchanged, so two ids share one key",
-)
 def test_sample_key_never_collides_with_a_sanitised_key():
     other = "a_b-" + hashlib.sha256(b"a.b").hexdigest()[:12]
     assert sample_key("a.b") != sample_key(other)
