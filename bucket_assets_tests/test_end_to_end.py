@@ -268,3 +268,22 @@ def test_parallel_partition_runs_do_not_fail_on_the_duckdb_lock(make_spec, tmp_p
     )
     assert res.returncode == 0, res.stderr[-3000:]
     verify_export(export)
+
+
+def test_same_image_id_in_two_sources_fails_naming_both(make_spec, sample_root, tmp_path):
+    import shutil
+
+    folder = tmp_path / "dup_folder"
+    folder.mkdir()
+    shutil.copy(sample_root / "raw" / "pcb" / "train" / "5000.jpg", folder / "5000.jpg")
+    spec_path = make_spec("dup")
+    import yaml
+
+    spec = yaml.safe_load(spec_path.read_text())
+    spec["sources"][2]["path"] = str(folder)
+    spec_path.write_text(yaml.safe_dump(spec))
+    res = run_cli("build", "--spec", str(spec_path), env={"DAGSTER_HOME": str(tmp_path / "h")})
+    assert res.returncode == 1
+    line = res.stderr.strip()
+    assert "\n" not in line
+    assert "'5000'" in line and "'pcb'" in line and "'folder'" in line

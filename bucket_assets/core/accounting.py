@@ -1,7 +1,8 @@
 """Where every raw record ended: exported, or exactly one skip reason.
 
 Invariant: images_seen == images_exported + sum(skips). An image counts as exported when it is
-in at least one shard (multi-res exports may hold it in several buckets).
+in at least one shard (multi-res exports may hold it in several buckets). 'not_built' means a
+kept image whose bucket partition has not been materialized yet; a finished build has none.
 """
 
 from __future__ import annotations
@@ -14,10 +15,7 @@ ALWAYS_REPORTED = ("no_caption", "too_small", "decode_error", "encode_error")
 
 OUTCOMES_SQL = """
 CREATE OR REPLACE TEMP VIEW image_outcomes AS
-WITH asg AS (
-    SELECT image_id, bool_or(status = 'ok') AS any_fit FROM bucket_assignments GROUP BY image_id
-),
-proc AS (
+WITH proc AS (
     SELECT image_id, bool_or(status = 'ok') AS any_ok,
            min(status) FILTER (WHERE status <> 'ok') AS first_error
     FROM processed_images GROUP BY image_id
@@ -26,14 +24,12 @@ exported AS (SELECT DISTINCT image_id FROM shard_samples)
 SELECT f.row_id, f.image_id, f.source,
     CASE
         WHEN f.decision <> 'keep' THEN f.decision
-        WHEN NOT coalesce(asg.any_fit, false) THEN 'too_small'
         WHEN e.image_id IS NOT NULL THEN 'exported'
         WHEN sc.status = 'dropped' THEN 'no_caption'
         WHEN proc.first_error IS NOT NULL AND NOT proc.any_ok THEN proc.first_error
         ELSE 'not_built'
     END AS outcome
 FROM filtered_images f
-LEFT JOIN asg ON f.decision = 'keep' AND asg.image_id = f.image_id
 LEFT JOIN exported e ON f.decision = 'keep' AND e.image_id = f.image_id
 LEFT JOIN selected_captions sc ON f.decision = 'keep' AND sc.image_id = f.image_id
 LEFT JOIN proc ON f.decision = 'keep' AND proc.image_id = f.image_id

@@ -170,6 +170,22 @@ def plan_cover(
     return CoverPlan(bucket.id, bucket.w, bucket.h, scale, rw, rh, left, top)
 
 
+def smallest_upsample(width: int, height: int, buckets: list[Bucket]) -> tuple[float, Bucket]:
+    """Over base resolutions, the nearest bucket needing the least scale; scale > 1 means the
+    image fills no bucket at any base resolution (too_small)."""
+    by_base: dict[int, list[Bucket]] = {}
+    for b in buckets:
+        by_base.setdefault(b.base_resolution, []).append(b)
+    best = None
+    for table in by_base.values():
+        b = nearest_bucket(width, height, table)
+        s = cover_scale(width, height, b.w, b.h)
+        if best is None or s < best[0]:
+            best = (s, b)
+    assert best is not None
+    return best
+
+
 def assign(
     images: list[tuple[str, int, int]],
     buckets: list[Bucket],

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import duckdb
+import pyarrow as pa
 
+from bucket_assets.core.buckets import Bucket, is_upsample, smallest_upsample
 from bucket_assets.spec import Filters
 
 # Order matters: the first matching rule is the recorded reason. Content duplicates are found
@@ -19,6 +21,7 @@ WITH first_pass AS (
             WHEN $min_similarity IS NOT NULL AND similarity IS NOT NULL AND similarity < $min_similarity
                 THEN 'low_similarity'
             WHEN $drop_blank AND blank_std IS NOT NULL AND blank_std < $blank_std THEN 'blank'
+            WHEN fit.too_small THEN 'too_small'
             ELSE 'keep'
         END AS decision,
         CASE
@@ -28,8 +31,9 @@ WITH first_pass AS (
                 THEN 'similarity ' || similarity::VARCHAR
             WHEN $drop_blank AND blank_std IS NOT NULL AND blank_std < $blank_std
                 THEN 'thumbnail std ' || round(blank_std, 3)::VARCHAR
+            WHEN fit.too_small THEN fit.detail
         END AS detail
-    FROM raw_index
+    FROM raw_index LEFT JOIN _fit AS fit USING (row_id)
 ),
 dups AS (
     SELECT row_id,
@@ -47,7 +51,32 @@ ORDER BY f.row_id
 """
 
 
-def apply_filters(con: duckdb.DuckDBPyConnection, filters: Filters) -> None:
+def fit_table(rows: list[tuple[int, int, int]], buckets: list[Bucket]) -> pa.Table:
+    """row_id, too_small, detail: too_small when no base resolution's nearest bucket can be
+    filled without upsampling."""
+    ids, small, detail = [], [], []
+    for row_id, w, h in rows:
+        scale, b = smallest_upsample(w, h, buckets)
+        ids.append(row_id)
+        small.append(is_upsample(scale))
+        detail.append(f"{w}x{h} needs x{scale:.3f} to fill {b.id} ({b.w}x{b.h})" if is_upsample(scale) else None)
+    return pa.table({"row_id": pa.array(ids, pa.int64()), "too_small": pa.array(small, pa.bool_()),
+                     "detail": pa.array(detail, pa.string())})
+
+
+def apply_filters(con: duckdb.DuckDBPyConnection, filters: Filters, buckets: list[Bucket]) -> None:
+    """Create table filtered_images from raw_index: one decision per record."""
+    rows = con.execute(
+        "SELECT row_id, width, height FROM raw_index WHERE issue IS NULL AND width > 0 AND height > 0"
+    ).fetchall()
+    con.register("_fit", fit_table(rows, buckets))
+    try:
+        _run_filter_sql(con, filters)
+    finally:
+        con.unregister("_fit")
+
+
+def _run_filter_sql(con: duckdb.DuckDBPyConnection, filters: Filters) -> None:
     con.execute(
         FILTER_SQL,
         {

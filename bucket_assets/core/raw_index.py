@@ -43,6 +43,7 @@ RAW_INDEX_SCHEMA = pa.schema(
         ("license", pa.string()),
         ("orig_w", pa.int32()),
         ("orig_h", pa.int32()),
+        ("source_meta", pa.string()),  # the source's own metadata record, as JSON
         ("issue", pa.string()),  # why this record cannot be used, if known at index time
         ("issue_detail", pa.string()),
         ("notes", pa.string()),  # comma-separated non-fatal flags
@@ -99,6 +100,7 @@ def build_raw_index(spec: Spec, workers: int) -> tuple[pa.Table, ScanStats]:
     for row_id, rec in enumerate(records):
         d = asdict(rec)
         notes = d.pop("notes")
+        meta = d.pop("meta")
         row = {
             "row_id": row_id,
             "image_id": d["image_id"],
@@ -116,7 +118,9 @@ def build_raw_index(spec: Spec, workers: int) -> tuple[pa.Table, ScanStats]:
             "license": d["license"],
             "orig_w": d["orig_w"],
             "orig_h": d["orig_h"],
+            "source_meta": None if meta is None else json.dumps(meta, sort_keys=True, default=str, ensure_ascii=False),
             "issue": d["issue"],
+            "issue_detail": d["issue_detail"],
             "notes": ",".join(notes) or None,
         }
         if rec.issue is None:

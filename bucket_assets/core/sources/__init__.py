@@ -28,7 +28,9 @@ class RawRecord:
     license: str | None = None
     orig_w: int | None = None  # the source's claimed original size (LAION json, parquet columns)
     orig_h: int | None = None
+    meta: dict | None = None  # the source's own metadata record (LAION json, parquet row)
     issue: str | None = None  # a reason known at scan time (missing_file, missing_image, ...)
+    issue_detail: str | None = None
     notes: list[str] = field(default_factory=list)  # non-fatal flags (invalid_similarity, ...)
 
 

@@ -72,8 +72,8 @@ def scan(source: ParquetSource, stats: ScanStats, max_caption_chars: int) -> Ite
                     by_stem[stem] = entry.name
 
     pf = pq.ParquetFile(source.path)
-    names = sorted({c for c in wanted.values() if c is not None})
-    for batch in pf.iter_batches(columns=names, batch_size=65536):
+    names = list(schema.names)
+    for batch in pf.iter_batches(batch_size=65536):
         data = {n: batch.column(n).to_pylist() for n in names}
         for i in range(batch.num_rows):
             raw_id = data[cols.id][i]
@@ -81,10 +81,11 @@ def scan(source: ParquetSource, stats: ScanStats, max_caption_chars: int) -> Ite
                 stats.add("null_id")
                 continue
             image_id = str(raw_id)
-            rec = RawRecord(image_id=image_id, source=source.name, location=None)
+            rec = RawRecord(image_id=image_id, source=source.name, location=None, meta={n: data[n][i] for n in names})
             fname = by_stem.get(image_id)
             if fname is None:
                 rec.issue = "missing_file"
+                rec.issue_detail = f"no {image_id}.{{{','.join(exts)}}} in {source.image_dir}"
             else:
                 rec.location = os.path.join(source.image_dir, fname)
             if cols.caption:

@@ -95,6 +95,7 @@ def _scan_tar(path, source, exts, stats, max_chars) -> Iterator[RawRecord]:
         rec = RawRecord(image_id=key, source=source.name, location=path)
         if not image_exts:
             rec.issue = "missing_image"
+            rec.issue_detail = f"{path}: key {key} has no image member (has {', '.join(sorted(parts))})"
         else:
             m = parts[sorted(image_exts)[0]]
             rec.member = m.name
@@ -114,6 +115,7 @@ def _scan_tar(path, source, exts, stats, max_chars) -> Iterator[RawRecord]:
             if not isinstance(meta, dict):
                 rec.notes.append("json_not_object")
                 meta = {}
+            rec.meta = meta
             rec.url = _str(_get(meta, "url", "URL"))
             sim = _get(meta, "similarity", "SIMILARITY")
             rec.similarity, bad = as_float(sim)

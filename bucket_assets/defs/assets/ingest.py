@@ -4,6 +4,7 @@
 import dagster as dg
 import pyarrow as pa
 
+from bucket_assets.core.buckets import bucket_table
 from bucket_assets.core.db import replace_table
 from bucket_assets.core.filters import apply_filters
 from bucket_assets.core.parallel import resolve_workers
@@ -42,10 +43,11 @@ def raw_index(context: dg.AssetExecutionContext, dataset: DatasetResource) -> dg
 
 @dg.asset(group_name="ingest", deps=[raw_index], kinds={"duckdb"})
 def filtered_images(dataset: DatasetResource) -> dg.MaterializeResult:
-    """Exactly one decision per raw record: keep, or the reason it is skipped."""
+    """Exactly one decision per raw record: keep, or the reason it is skipped (too_small: no
+    base resolution's nearest bucket can be filled without upsampling)."""
     spec = dataset.load()
     with dataset.db() as con:
-        apply_filters(con, spec.filters)
+        apply_filters(con, spec.filters, bucket_table(spec.buckets.base_resolutions, spec.buckets.divisible))
         counts = con.execute(
             "SELECT decision, count(*) FROM filtered_images GROUP BY decision ORDER BY count(*) DESC, decision"
         ).fetchall()
