@@ -13,6 +13,7 @@ from bucket_assets.defs.assets.ingest import filtered_images, raw_index
 from bucket_assets.defs.checks import build_checks
 from bucket_assets.defs.partitions import bucket_partitions
 from bucket_assets.defs.resources import DatasetResource
+from bucket_assets.defs.sensors import caption_change_sensor, caption_landing_sensor
 from bucket_assets.spec import load_spec, resolve_spec_path
 
 BUILD_JOB = "build_export"
@@ -40,6 +41,7 @@ def build_definitions(spec_path: str | None = None) -> dg.Definitions:
         assets=assets,
         asset_checks=build_checks(filtered_images, export_manifest),
         jobs=[build_job],
+        sensors=[caption_landing_sensor, caption_change_sensor],
         resources={"dataset": DatasetResource(spec_path=spec_path)},
     )
 

@@ -71,7 +71,7 @@ class LandingSource:
     system_prompt_sha256: str
     user_prompt_sha256: str
     parquet_path: str
-    file_sha256: str
+    fingerprint: str  # landing_fingerprint of the parquet + json pair
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -123,7 +123,7 @@ def read_landing_meta(name: str, parquet: Path, meta_path: Path) -> LandingSourc
         system_prompt_sha256=meta["system_prompt_sha256"],
         user_prompt_sha256=meta["user_prompt_sha256"],
         parquet_path=str(parquet),
-        file_sha256=file_sha256(parquet),
+        fingerprint=landing_fingerprint(parquet, meta_path),
     )
 
 
@@ -142,17 +142,45 @@ def read_landing_captions(src: LandingSource, max_chars: int) -> pa.Table:
     cap = table.column("caption")
     if not (pa.types.is_string(cap.type) or pa.types.is_large_string(cap.type) or pa.types.is_binary(cap.type)):
         raise CaptionSourceError(f"caption source {src.name}: column 'caption' must be string, got {cap.type}")
-    statuses = table.column("status").to_pylist() if "status" in table.column_names else [None] * table.num_rows
+    try:
+        raw_caps = cap.to_pylist()
+        statuses = table.column("status").to_pylist() if "status" in table.column_names else [None] * table.num_rows
+    except UnicodeDecodeError:
+        raise CaptionSourceError(f"caption source {src.name}: text is not valid UTF-8") from None
     out_ids, out_text, out_status, out_flags = [], [], [], []
-    for image_id, raw, status in zip(ids.to_pylist(), cap.to_pylist(), statuses):
+    for image_id, raw, status in zip(ids.to_pylist(), raw_caps, statuses):
         if image_id is None:
             continue
         text, flags = clean_caption(raw, max_chars)
+        if "caption_not_utf8" in flags:
+            raise CaptionSourceError(
+                f"caption source {src.name}: the caption of image_id {image_id!s} is not valid UTF-8"
+            )
         out_ids.append(str(image_id))
         out_text.append(text)
         out_status.append(str(status) if status is not None else "ok")
         out_flags.append(",".join(flags) or None)
     return pa.table({"image_id": out_ids, "text": out_text, "status": out_status, "flags": out_flags})
+
+
+def load_landing_source(
+    name: str, parquet: Path, meta: Path, selectors: list[str], max_chars: int
+) -> tuple[LandingSource, pa.Table]:
+    """Validate one landing pair completely; CaptionSourceError says why it cannot be used."""
+    src = read_landing_meta(name, parquet, meta)
+    if src.variant not in selectors:
+        raise CaptionSourceError(
+            f"caption source {name}: variant {src.variant!r} is not in captions.selectors {list(selectors)}"
+        )
+    return src, read_landing_captions(src, max_chars)
+
+
+def landing_fingerprint(parquet: Path, meta: Path) -> str:
+    """Content identity of a landing pair: a changed file is a new source version."""
+    h = hashlib.sha256()
+    for p in (parquet, meta):
+        h.update(file_sha256(p).encode())
+    return h.hexdigest()
 
 
 # The waterfall ---------------------------------------------------------------------------
@@ -206,7 +234,7 @@ CAPTION_SOURCES_SCHEMA = pa.schema(
         ("system_prompt_sha256", pa.string()),
         ("user_prompt_sha256", pa.string()),
         ("file", pa.string()),
-        ("file_sha256", pa.string()),
+        ("fingerprint", pa.string()),
     ]
 )
 
@@ -219,17 +247,41 @@ def caption_source_rows(inputs: list[tuple[str, str, str]], landing: list[Landin
     """
     rows = [
         dict(name=n, kind="input", variant=v, backend="source", model=f"{k}:{n}", created_at=0,
-             system_prompt_sha256=None, user_prompt_sha256=None, file=None, file_sha256=None)
+             system_prompt_sha256=None, user_prompt_sha256=None, file=None, fingerprint=None)
         for n, k, v in inputs
     ]
     rows += [
         dict(name=s.name, kind="landing", variant=s.variant, backend=s.backend, model=s.model,
              created_at=s.created_at, system_prompt_sha256=s.system_prompt_sha256,
              user_prompt_sha256=s.user_prompt_sha256, file=os.path.basename(s.parquet_path),
-             file_sha256=s.file_sha256)
+             fingerprint=s.fingerprint)
         for s in landing
     ]
     rows.sort(key=lambda r: (r["created_at"], r["kind"] != "input", r["name"]))
     for i, r in enumerate(rows, start=1):
         r["source_id"] = i
     return rows
+
+
+CHANGED_BUCKETS_SQL = """
+WITH wanted AS (
+    SELECT p.bucket_id, p.image_id, sc.text, sc.caption_variant, sc.caption_selector_index, sc.caption_source_id
+    FROM processed_images p JOIN selected_captions sc USING (image_id)
+    WHERE p.status = 'ok' AND sc.status <> 'dropped'
+),
+written AS (
+    SELECT bucket_id, image_id, text, caption_variant, caption_selector_index, caption_source_id FROM shard_samples
+),
+diff AS (
+    (SELECT * FROM wanted EXCEPT SELECT * FROM written)
+    UNION ALL
+    (SELECT * FROM written EXCEPT SELECT * FROM wanted)
+)
+SELECT DISTINCT bucket_id FROM diff ORDER BY bucket_id
+"""
+
+
+def changed_buckets(con) -> list[str]:
+    """Buckets whose written samples differ from what the current caption selection wants
+    (a caption, its provenance, or a sample dropped or added by the missing-caption policy)."""
+    return [r[0] for r in con.execute(CHANGED_BUCKETS_SQL).fetchall()]

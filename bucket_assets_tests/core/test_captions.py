@@ -18,7 +18,7 @@ from bucket_assets.core.captions import (
     caption_source_rows,
     clean_caption,
     discover_landing,
-    file_sha256,
+    landing_fingerprint,
     read_landing_captions,
     read_landing_meta,
     select_captions_sql,
@@ -229,7 +229,7 @@ def _landing(name: str, variant: str, created_at: int) -> LandingSource:
     return LandingSource(
         name=name, variant=variant, backend="openrouter", model=f"m/{name}", created_at=created_at,
         system_prompt_sha256="s" * 64, user_prompt_sha256="u" * 64, parquet_path=f"/x/{name}.parquet",
-        file_sha256="f" * 64,
+        fingerprint="f" * 64,
     )
 
 
@@ -299,7 +299,9 @@ def test_read_landing_meta_valid(tmp_path):
     assert src.name == "gem" and src.variant == "caption_gemini" and src.created_at == 1776589694
     assert src.backend == "openrouter" and src.model == "google/gemini"
     assert src.parquet_path == str(parquet)
-    assert src.file_sha256 == file_sha256(parquet)
+    assert src.fingerprint == landing_fingerprint(parquet, meta)
+    meta.write_text(meta.read_text().replace("google/gemini", "google/gemini-2"))
+    assert read_landing_meta("gem", parquet, meta).fingerprint != src.fingerprint
 
 
 @pytest.mark.parametrize("field", REQUIRED_META)

@@ -9,8 +9,7 @@ from bucket_assets.core.captions import (
     CaptionSourceError,
     caption_source_rows,
     discover_landing,
-    read_landing_captions,
-    read_landing_meta,
+    load_landing_source,
     select_captions_sql,
 )
 from bucket_assets.core.db import replace_table
@@ -34,8 +33,7 @@ def caption_table(context: dg.AssetExecutionContext, dataset: DatasetResource) -
     landing, rejected = [], []
     for name, parquet, meta in discover_landing(spec.captions.landing_dir):
         try:
-            src = read_landing_meta(name, parquet, meta)
-            landing.append((src, read_landing_captions(src, spec.captions.max_chars)))
+            landing.append(load_landing_source(name, parquet, meta, spec.captions.selectors, spec.captions.max_chars))
         except CaptionSourceError as exc:
             rejected.append((name, str(exc)))
             context.log.error(f"rejected caption source: {exc}")

@@ -30,8 +30,12 @@ SHARD_FILES_SCHEMA = pa.schema(
     [("bucket_id", pa.string()), ("shard_index", pa.int32()), ("path", pa.string()),
      ("samples", pa.int64()), ("bytes", pa.int64()), ("sha256", pa.string())]
 )
+# What each written sample holds of its caption, so a sensor can tell which buckets a new
+# caption selection changes without opening a shard.
 SHARD_SAMPLES_SCHEMA = pa.schema(
-    [("bucket_id", pa.string()), ("shard_index", pa.int32()), ("key", pa.string()), ("image_id", pa.string())]
+    [("bucket_id", pa.string()), ("shard_index", pa.int32()), ("key", pa.string()), ("image_id", pa.string()),
+     ("text", pa.string()), ("caption_variant", pa.string()), ("caption_selector_index", pa.int32()),
+     ("caption_source_id", pa.int32())]
 )
 
 SAMPLES_SQL = """
@@ -89,7 +93,9 @@ def write_bucket(out_dir: Path, bucket_id: str, rows: list[dict], max_samples: i
              "samples": shard.samples, "bytes": shard.bytes, "sha256": shard.sha256}
         )
         sample_rows += [
-            {"bucket_id": bucket_id, "shard_index": idx, "key": r["key"], "image_id": r["image_id"]}
+            {"bucket_id": bucket_id, "shard_index": idx, "key": r["key"], "image_id": r["image_id"], "text": r["text"],
+             "caption_variant": r["caption_variant"], "caption_selector_index": r["caption_selector_index"],
+             "caption_source_id": r["caption_source_id"]}
             for r, _, _ in chunk
         ]
     keep = {bdir / SHARD_NAME.format(i) for i in range(len(runs))}
@@ -155,7 +161,7 @@ def export_manifest_asset(bucket_shards: dg.AssetsDefinition) -> dg.AssetsDefini
                 "SELECT bucket_id, path, samples, bytes, sha256 FROM shard_files ORDER BY bucket_id, shard_index"
             ).fetchall()
             sources = con.execute(
-                "SELECT * EXCLUDE (file_sha256) FROM caption_sources ORDER BY source_id"
+                "SELECT * EXCLUDE (fingerprint) FROM caption_sources ORDER BY source_id"
             ).to_arrow_table().to_pylist()
             usage = dict(con.execute(
                 """SELECT sc.caption_selector_index, count(DISTINCT sc.image_id) FROM shard_samples s

@@ -1,0 +1,205 @@
+"""Sensors that keep an export fresh when caption sources land.
+
+1. `caption_landing_sensor` watches `captions.landing_dir`. A complete pair (`<name>.parquet` +
+   `<name>.json`) whose content is not what the caption table holds is validated; a bad one is
+   moved to `<landing_dir>/rejected/` with `<name>.reason.txt`; good ones trigger one run of
+   `caption_table` + `selected_captions`.
+2. `caption_change_sensor` sees that run's `selected_captions` materialization, asks the
+   metadata DB which buckets' written captions now differ, and requests `bucket_shards` for
+   exactly those partitions (stored JPEG bytes, nothing decoded or encoded); when they have all
+   finished it requests `export_manifest` + `dataset_card`.
+
+Every run carries tags saying why it happened; the UI also shows the sensor that launched it.
+"""
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import dagster as dg
+import pyarrow as pa
+
+from bucket_assets.core.captions import (
+    CaptionSourceError,
+    changed_buckets,
+    discover_landing,
+    landing_fingerprint,
+    load_landing_source,
+)
+from bucket_assets.core.db import table_exists
+from bucket_assets.defs.resources import DatasetResource
+
+UPDATE_TAG = "bucket_assets/caption_update"
+SOURCES_TAG = "bucket_assets/caption_sources"
+REASON_TAG = "bucket_assets/reason"
+SHARDS_TAG = "bucket_assets/reshard"
+REJECTED_DIR = "rejected"
+
+
+def reject_source(landing_dir: str, name: str, parquet: Path, meta: Path, reason: str) -> Path:
+    """Move a bad pair aside with its reason; the json goes first so the pair is never half-complete."""
+    dest = Path(landing_dir) / REJECTED_DIR
+    dest.mkdir(parents=True, exist_ok=True)
+    (dest / f"{name}.reason.txt").write_text(reason + "\n", encoding="utf-8")
+    for p in (meta, parquet):
+        if p.exists():
+            os.replace(p, dest / p.name)
+    return dest
+
+
+def _registered(dataset: DatasetResource) -> dict[str, str]:
+    """Landing sources the caption table was last built from: name -> fingerprint."""
+    spec = dataset.load()
+    if not spec.db_path.exists():
+        return {}
+    with dataset.db() as con:
+        if not table_exists(con, "caption_sources"):
+            return {}
+        return dict(con.execute("SELECT name, fingerprint FROM caption_sources WHERE kind = 'landing'").fetchall())
+
+
+def _unknown_ids(dataset: DatasetResource, table: pa.Table) -> tuple[int, int]:
+    spec = dataset.load()
+    ids = pa.table({"image_id": table.column("image_id")})
+    if not spec.db_path.exists():
+        return 0, ids.num_rows
+    with dataset.db() as con:
+        if not table_exists(con, "raw_index"):
+            return 0, ids.num_rows
+        con.register("_ids", ids)
+        try:
+            unknown = con.execute(
+                "SELECT count(*) FROM _ids WHERE image_id NOT IN (SELECT image_id FROM raw_index)"
+            ).fetchone()[0]
+        finally:
+            con.unregister("_ids")
+    return int(unknown), ids.num_rows
+
+
+@dg.sensor(
+    name="caption_landing_sensor",
+    minimum_interval_seconds=5,
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    asset_selection=["caption_table", "selected_captions"],
+    description="Registers new or changed caption sources in captions.landing_dir and rebuilds the caption selection; rejects bad ones.",
+)
+def caption_landing_sensor(context: dg.SensorEvaluationContext, dataset: DatasetResource):
+    spec = dataset.load()
+    landing_dir = spec.captions.landing_dir
+    # Cursor: per file stat -> fingerprint cache, so unchanged files are not re-hashed each tick.
+    cache: dict = json.loads(context.cursor) if context.cursor else {}
+    registered = _registered(dataset)
+    new_cache, changed, present = {}, [], set()
+    for name, parquet, meta in discover_landing(landing_dir):
+        st = (parquet.stat(), meta.stat())
+        stat_key = f"{st[0].st_size}:{st[0].st_mtime_ns}:{st[1].st_size}:{st[1].st_mtime_ns}"
+        cached = cache.get(name)
+        fp = cached[1] if cached and cached[0] == stat_key else landing_fingerprint(parquet, meta)
+        if registered.get(name) == fp:
+            new_cache[name] = [stat_key, fp]
+            present.add(name)
+            continue
+        if cached and cached[1] == fp and cached[0] == stat_key and len(cached) > 2:
+            # Already validated and requested; the run has not registered it yet.
+            new_cache[name] = cached
+            present.add(name)
+            changed.append((name, fp))
+            continue
+        try:
+            _, table = load_landing_source(name, parquet, meta, spec.captions.selectors, spec.captions.max_chars)
+            unknown, total = _unknown_ids(dataset, table)
+            if total and unknown == total:
+                raise CaptionSourceError(f"caption source {name}: none of its {total} image ids is in the raw index")
+        except CaptionSourceError as exc:
+            dest = reject_source(landing_dir, name, parquet, meta, str(exc))
+            context.log.error(f"rejected {name}: {exc} (moved to {dest})")
+            continue
+        if unknown:
+            context.log.warning(f"caption source {name}: {unknown} of {total} image ids are not in the raw index")
+        context.log.info(f"caption source {name} is new or changed ({total} captions)")
+        new_cache[name] = [stat_key, fp, "validated"]
+        present.add(name)
+        changed.append((name, fp))
+    removed = sorted(set(registered) - present)
+    for name in removed:
+        context.log.info(f"caption source {name} was removed from {landing_dir}")
+    if not changed and not removed:
+        return dg.SensorResult(skip_reason="no new caption sources", cursor=json.dumps(new_cache, sort_keys=True))
+    key = hashlib.sha256(json.dumps([sorted(changed), removed]).encode()).hexdigest()[:16]
+    names = [n for n, _ in sorted(changed)]
+    why = "; ".join(
+        ([f"new or changed caption source(s): {', '.join(names)}"] if names else [])
+        + ([f"removed: {', '.join(removed)}"] if removed else [])
+    )
+    request = dg.RunRequest(
+        run_key=f"captions-{key}",
+        asset_selection=[dg.AssetKey("caption_table"), dg.AssetKey("selected_captions")],
+        tags={UPDATE_TAG: key, SOURCES_TAG: ",".join(names + removed)[:200], REASON_TAG: why[:200]},
+    )
+    return dg.SensorResult(run_requests=[request], cursor=json.dumps(new_cache, sort_keys=True))
+
+
+@dg.sensor(
+    name="caption_change_sensor",
+    minimum_interval_seconds=5,
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    asset_selection=["bucket_shards", "export_manifest", "dataset_card"],
+    description="After the caption selection changes, re-shards exactly the buckets whose captions changed, then refreshes the manifest and card.",
+)
+def caption_change_sensor(context: dg.SensorEvaluationContext, dataset: DatasetResource):
+    state = json.loads(context.cursor) if context.cursor else {"last": 0, "pending": None}
+    instance = context.instance
+    requests: list[dg.RunRequest] = []
+    export_keys = [dg.AssetKey("export_manifest"), dg.AssetKey("dataset_card")]
+
+    pending = state.get("pending")
+    if pending:
+        runs = instance.get_runs(filters=dg.RunsFilter(tags={SHARDS_TAG: pending["id"]}))
+        if len(runs) < pending["runs"] or any(not r.is_finished for r in runs):
+            return dg.SensorResult(skip_reason=f"waiting for {pending['runs']} re-shard run(s)", cursor=json.dumps(state))
+        failed = [r.run_id for r in runs if r.status != dg.DagsterRunStatus.SUCCESS]
+        if failed:
+            context.log.error(f"re-shard run(s) failed: {failed}; refreshing the manifest from what is on disk")
+        requests.append(
+            dg.RunRequest(
+                run_key=f"export-{pending['id']}",
+                asset_selection=export_keys,
+                tags={UPDATE_TAG: pending["id"], REASON_TAG: f"re-sharded {pending['runs']} bucket(s)"},
+            )
+        )
+        state["pending"] = None
+
+    records = instance.fetch_materializations(dg.AssetKey("selected_captions"), limit=1).records
+    record = records[0] if records else None
+    if record is not None and record.storage_id > state.get("last", 0) and state.get("pending") is None:
+        state["last"] = record.storage_id
+        run = instance.get_run_by_id(record.run_id)
+        in_full_build = run is not None and run.asset_selection and dg.AssetKey("bucket_shards") in run.asset_selection
+        if run is not None and not in_full_build:
+            update = run.tags.get(UPDATE_TAG, run.run_id[:16])
+            with dataset.db() as con:
+                buckets = changed_buckets(con) if table_exists(con, "shard_samples") else []
+            context.log.info(f"caption selection {update} changes {len(buckets)} bucket(s): {buckets}")
+            if buckets:
+                for b in buckets:
+                    requests.append(
+                        dg.RunRequest(
+                            run_key=f"reshard-{update}-{b}",
+                            partition_key=b,
+                            asset_selection=[dg.AssetKey("bucket_shards")],
+                            tags={UPDATE_TAG: update, SHARDS_TAG: update, REASON_TAG: f"captions changed in {b}"},
+                        )
+                    )
+                state["pending"] = {"id": update, "runs": len(buckets)}
+            else:
+                requests.append(
+                    dg.RunRequest(
+                        run_key=f"export-{update}",
+                        asset_selection=export_keys,
+                        tags={UPDATE_TAG: update, REASON_TAG: "caption sources changed; no bucket's captions did"},
+                    )
+                )
+    if not requests:
+        return dg.SensorResult(skip_reason="no caption selection change", cursor=json.dumps(state))
+    return dg.SensorResult(run_requests=requests, cursor=json.dumps(state))
