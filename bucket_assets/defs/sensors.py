@@ -175,7 +175,10 @@ def caption_change_sensor(context: dg.SensorEvaluationContext, dataset: DatasetR
     if record is not None and record.storage_id > state.get("last", 0) and state.get("pending") is None:
         state["last"] = record.storage_id
         run = instance.get_run_by_id(record.run_id)
-        in_full_build = run is not None and run.asset_selection and dg.AssetKey("bucket_shards") in run.asset_selection
+        # A whole-job run (bucket-assets build) or one that also wrote shards is already consistent.
+        in_full_build = run is not None and (
+            not run.asset_selection or dg.AssetKey("bucket_shards") in run.asset_selection
+        )
         if run is not None and not in_full_build:
             update = run.tags.get(UPDATE_TAG, run.run_id[:16])
             with dataset.db() as con:
