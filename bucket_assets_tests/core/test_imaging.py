@@ -20,7 +20,9 @@ from bucket_assets.core.imaging import (
     encode_jpeg,
     is_jpeg,
     probe,
+    apply_orientation,
     resize_cover,
+    resize_cover_float,
     subsampling_for,
 )
 
@@ -60,18 +62,45 @@ def _png_with_declared_size(width: int, height: int) -> bytes:
 # resize_cover -----------------------------------------------------------------------------
 
 
+def _photo(h: int, w: int) -> np.ndarray:
+    """A real photograph (scikit-image's astronaut), cut and scaled to h x w."""
+    from pathlib import Path
+
+    import skimage
+
+    img = Image.open(Path(skimage.__file__).parent / "data" / "astronaut.png").convert("RGB")
+    return np.asarray(img.resize((w, h), Image.LANCZOS)).copy()
+
+
+def _psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
+
+
 @pytest.mark.parametrize("src, dst", [((97, 131), (40, 57)), ((64, 64), (32, 48)), ((50, 80), (50, 41))])
-def test_resize_cover_matches_torch_bicubic_antialias(src, dst):
+def test_resize_cover_is_the_direct_torch_call(src, dst):
     h, w = src
     rh, rw = dst
     rgb = _noise(h, w, seed=h * w)
     got = resize_cover(rgb, rw, rh)
-    x = torch.from_numpy(rgb).permute(2, 0, 1).unsqueeze(0)
-    ref = F.interpolate(x.float(), size=(rh, rw), mode="bicubic", antialias=True)
-    ref = ref.round().clamp(0, 255).to(torch.uint8)[0].permute(1, 2, 0).numpy()
+    x = torch.from_numpy(rgb).permute(2, 0, 1).unsqueeze(0)  # uint8, channels-last in memory
+    ref = F.interpolate(x, size=(rh, rw), mode="bicubic", antialias=True)[0].permute(1, 2, 0).numpy()
     assert got.dtype == np.uint8
     assert got.shape == (rh, rw, 3)
     assert np.array_equal(got, ref)
+
+
+@pytest.mark.parametrize("src, dst", [((600, 900), (416, 608)), ((1000, 500), (704, 352)), ((512, 700), (300, 410))])
+def test_resize_cover_matches_the_float_reference_on_photos(src, dst):
+    rgb = _photo(*src)
+    rh, rw = dst
+    got = resize_cover(rgb, rw, rh)
+    ref = resize_cover_float(rgb, rw, rh)
+    x = torch.from_numpy(rgb).permute(2, 0, 1).unsqueeze(0).float()
+    direct = F.interpolate(x, size=(rh, rw), mode="bicubic", antialias=True).round().clamp(0, 255)
+    assert np.array_equal(ref, direct.to(torch.uint8)[0].permute(1, 2, 0).numpy())
+    assert _psnr(got, ref) >= 45.0
+    assert np.abs(got.astype(int) - ref.astype(int)).max() <= 8  # rare edge pixels; PSNR is the contract
 
 
 def test_resize_cover_same_size_is_identity():
@@ -315,3 +344,34 @@ def test_decode_colour_key_transparency_composited_on_white(mode, key, opaque):
     assert np.asarray(Image.open(io.BytesIO(data)).convert("RGBA"))[0, 0, 3] == 0
     out = decode_rgb(data, MAX)
     assert tuple(out[0, 0]) == (255, 255, 255)
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_apply_orientation_matches_pillow_exif_transpose(orientation):
+    from PIL import ImageOps
+
+    arr = _noise(5, 7, seed=orientation)
+    img = Image.fromarray(arr)
+    exif = img.getexif()
+    exif[0x0112] = orientation
+    img.info["exif"] = exif.tobytes()
+    ref = np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(_save(img, "PNG", exif=exif.tobytes())))))
+    assert np.array_equal(apply_orientation(arr, orientation), ref)
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_fast_jpeg_decode_equals_pillow(orientation):
+    """The libjpeg-turbo fast path gives Pillow's pixels, orientation applied."""
+    from PIL import ImageOps
+
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    data = _save(Image.fromarray(_photo(90, 130)), "JPEG", quality=90, exif=exif.tobytes())
+    ref = np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB"))
+    assert np.array_equal(decode_rgb(data, MAX), ref)
+
+
+def test_fast_jpeg_decode_greyscale_equals_pillow():
+    data = _save(Image.fromarray(_photo(60, 80)).convert("L"), "JPEG", quality=90)
+    ref = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+    assert np.array_equal(decode_rgb(data, MAX), ref)
