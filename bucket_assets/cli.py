@@ -65,7 +65,14 @@ def cmd_build(args: argparse.Namespace) -> int:
     ids = [b.id for b in bucket_table(spec.buckets.base_resolutions, spec.buckets.divisible)]
     tags = {"dagster/asset_partition_range_start": ids[0], "dagster/asset_partition_range_end": ids[-1]}
     with dg.DagsterInstance.get() as instance:
-        result = dg.execute_job(dg.reconstructable(definitions.build_job), instance=instance, tags=tags)
+        # The full event log lives in the instance (and the UI); the console gets it only with -v.
+        level = "DEBUG" if args.verbose else "CRITICAL"
+        result = dg.execute_job(
+            dg.reconstructable(definitions.build_job),
+            instance=instance,
+            tags=tags,
+            run_config={"loggers": {"console": {"config": {"log_level": level}}}},
+        )
         ok = result.success
         failed_checks = [
             e.event_specific_data.check_name
@@ -104,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = p.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("build", help="materialize every asset and bucket partition through Dagster")
     b.add_argument("--spec", help=f"spec YAML (default ${SPEC_ENV_VAR} or data/spec.yaml)")
+    b.add_argument("-v", "--verbose", action="store_true", help="print Dagster's event log to the console")
     b.set_defaults(fn=cmd_build)
     v = sub.add_parser("verify", help="check an export against its manifest")
     v.add_argument("export_dir")

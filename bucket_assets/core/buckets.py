@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
+
+import pyarrow as pa
 
 # The 40 proto buckets of the seed card (bucketed_shards_v1), as (w, h) at the 1024 base.
 PROTO_BUCKETS: tuple[tuple[int, int], ...] = (
@@ -106,11 +109,11 @@ def is_upsample(scale: float) -> bool:
 
 
 def resized_size(src_w: int, src_h: int, target_w: int, target_h: int) -> tuple[int, int]:
-    """Size after cover-resize: each side rounded, never below the target (so the crop fits)."""
+    """Size after cover-resize: each side rounded half-up, never below the target (so the crop fits)."""
     s = cover_scale(src_w, src_h, target_w, target_h)
     if s >= 1 - SCALE_EPS:
         return src_w, src_h
-    return max(target_w, round(src_w * s)), max(target_h, round(src_h * s))
+    return max(target_w, math.floor(src_w * s + 0.5)), max(target_h, math.floor(src_h * s + 0.5))
 
 
 def _key_digest(image_id: str) -> bytes:
@@ -170,57 +173,132 @@ def plan_cover(
     return CoverPlan(bucket.id, bucket.w, bucket.h, scale, rw, rh, left, top)
 
 
-def smallest_upsample(width: int, height: int, buckets: list[Bucket]) -> tuple[float, Bucket]:
-    """Over base resolutions, the nearest bucket needing the least scale; scale > 1 means the
-    image fills no bucket at any base resolution (too_small)."""
+# Set-based assignment ---------------------------------------------------------------------
+# The functions above define the semantics one image at a time; the SQL below applies exactly
+# those rules to a whole table in DuckDB (tests check the two agree on many random sizes).
+
+
+def bucket_intervals(buckets: list[Bucket]) -> pa.Table:
+    """Per base resolution, the log-aspect interval [lo, next lo) where each bucket is nearest.
+
+    Buckets with the same target aspect collapse to the one nearest_bucket would pick (larger
+    area, then smaller id); interval edges are the midpoints between neighbouring log aspects.
+    """
+    rows = []
     by_base: dict[int, list[Bucket]] = {}
     for b in buckets:
         by_base.setdefault(b.base_resolution, []).append(b)
-    best = None
-    for table in by_base.values():
-        b = nearest_bucket(width, height, table)
-        s = cover_scale(width, height, b.w, b.h)
-        if best is None or s < best[0]:
-            best = (s, b)
-    assert best is not None
-    return best
+    for base, table in by_base.items():
+        best: dict[float, Bucket] = {}
+        for b in sorted(table, key=lambda b: (-(b.w * b.h), b.id)):
+            best.setdefault(round(math.log(b.aspect), 12), b)
+        prev = None
+        for la in sorted(best):
+            b = best[la]
+            lo = -math.inf if prev is None else (prev + la) / 2
+            rows.append({"base_resolution": base, "lo": lo, "bucket_id": b.id, "target_w": b.w, "target_h": b.h})
+            prev = la
+    return pa.Table.from_pylist(
+        rows,
+        schema=pa.schema([("base_resolution", pa.int32()), ("lo", pa.float64()), ("bucket_id", pa.string()),
+                          ("target_w", pa.int32()), ("target_h", pa.int32())]),
+    )
 
 
-def assign(
-    images: list[tuple[str, int, int]],
+def _hex_int(expr: str, start: int, length: int) -> str:
+    return f"('0x' || substr({expr}, {start}, {length}))::UBIGINT"
+
+
+# `_images(image_id, width, height)` x `_bucket_intervals` -> one row per image and base.
+CHOICE_SQL = f"""
+SELECT i.image_id, i.width AS src_w, i.height AS src_h, iv.base_resolution, iv.bucket_id,
+       iv.target_w, iv.target_h,
+       greatest(iv.target_w / i.width, iv.target_h / i.height) AS scale
+FROM (SELECT *, ln(width / height) AS la FROM _images) i
+CROSS JOIN (SELECT DISTINCT base_resolution AS b FROM _bucket_intervals) bases
+ASOF JOIN _bucket_intervals iv ON iv.base_resolution = bases.b AND i.la >= iv.lo
+"""
+
+ASSIGN_SQL = f"""
+WITH c AS ({CHOICE_SQL}),
+sized AS (
+    SELECT *, scale > 1 + {SCALE_EPS} AS upsample,
+           CASE WHEN scale >= 1 - {SCALE_EPS} THEN src_w
+                ELSE greatest(target_w, floor(src_w * scale + 0.5)::BIGINT) END::BIGINT AS rw,
+           CASE WHEN scale >= 1 - {SCALE_EPS} THEN src_h
+                ELSE greatest(target_h, floor(src_h * scale + 0.5)::BIGINT) END::BIGINT AS rh,
+           sha256(image_id) AS digest
+    FROM c
+),
+cropped AS (
+    SELECT *, rw - target_w AS free_x, rh - target_h AS free_y,
+           list_extract($corners, ({_hex_int('digest', 1, 16)} % len($corners))::INTEGER + 1) AS corner,
+           CASE WHEN $jitter > 0 THEN {_hex_int('digest', 17, 8)} % ($jitter + 1) ELSE 0 END AS jx,
+           CASE WHEN $jitter > 0 THEN {_hex_int('digest', 25, 8)} % ($jitter + 1) ELSE 0 END AS jy
+    FROM sized
+)
+SELECT image_id,
+       CASE WHEN regexp_full_match(image_id, '[A-Za-z0-9_-]{{1,80}}')
+                 AND NOT regexp_matches(image_id, '-[0-9a-f]{{12}}$') THEN image_id
+            ELSE left(regexp_replace(image_id, '[^A-Za-z0-9_-]', '_', 'g'), 67) || '-' || left(digest, 12)
+       END AS key,
+       base_resolution::INTEGER AS base_resolution, bucket_id, target_w::INTEGER AS target_w,
+       target_h::INTEGER AS target_h, src_w::INTEGER AS src_w, src_h::INTEGER AS src_h, scale,
+       CASE WHEN upsample THEN 'too_small' ELSE 'ok' END AS status,
+       CASE WHEN upsample THEN NULL ELSE rw::INTEGER END AS resized_w,
+       CASE WHEN upsample THEN NULL ELSE rh::INTEGER END AS resized_h,
+       CASE WHEN upsample THEN NULL
+            WHEN $strategy = 'center' THEN (free_x // 2)::INTEGER
+            WHEN corner IN (1, 3) THEN (free_x - least(jx, free_x))::INTEGER
+            ELSE least(jx, free_x)::INTEGER END AS crop_left,
+       CASE WHEN upsample THEN NULL
+            WHEN $strategy = 'center' THEN (free_y // 2)::INTEGER
+            WHEN corner IN (2, 3) THEN (free_y - least(jy, free_y))::INTEGER
+            ELSE least(jy, free_y)::INTEGER END AS crop_top
+FROM cropped
+"""
+
+
+@contextmanager
+def _registered(con, images_sql: str, buckets: list[Bucket], params: list | None = None):
+    con.execute(f"CREATE OR REPLACE TEMP VIEW _images AS {images_sql}", params or [])
+    con.register("_bucket_intervals", bucket_intervals(buckets))
+    try:
+        yield
+    finally:
+        con.unregister("_bucket_intervals")
+        con.execute("DROP VIEW IF EXISTS _images")
+
+
+def assign_sql(
+    con,
+    images_sql: str,
     buckets: list[Bucket],
+    target_table: str,
     strategy: str = "corner",
     allowed_corners: list[int] | tuple[int, ...] = (2, 3),
     jitter: int = 0,
-) -> list[dict]:
-    """One row per (image, base resolution): the nearest bucket at that base and its cover plan,
-    or status 'too_small' when filling that bucket would need an upsample."""
-    from bucket_assets.core.shards import sample_key
+) -> None:
+    """CREATE OR REPLACE `target_table` with one row per (image, base resolution): nearest bucket,
+    cover scale, resized size and crop box, or status 'too_small'. `images_sql` selects
+    (image_id, width, height); `target_table` is a constant of the caller's code."""
+    with _registered(con, images_sql, buckets):
+        con.execute(
+            f'CREATE OR REPLACE TABLE "{target_table}" AS {ASSIGN_SQL} ORDER BY image_id, base_resolution',
+            {"corners": [int(c) for c in allowed_corners], "jitter": int(jitter), "strategy": strategy},
+        )
 
-    by_base: dict[int, list[Bucket]] = {}
-    for b in buckets:
-        by_base.setdefault(b.base_resolution, []).append(b)
-    rows = []
-    for image_id, w, h in images:
-        key = sample_key(image_id)
-        for base, table in by_base.items():
-            b = nearest_bucket(w, h, table)
-            plan = plan_cover(w, h, b, image_id, strategy, allowed_corners, jitter)
-            row = {
-                "image_id": image_id,
-                "key": key,
-                "base_resolution": base,
-                "bucket_id": b.id,
-                "target_w": b.w,
-                "target_h": b.h,
-                "src_w": w,
-                "src_h": h,
-                "scale": cover_scale(w, h, b.w, b.h),
-                "status": "ok" if plan else "too_small",
-                "resized_w": plan.resized_w if plan else None,
-                "resized_h": plan.resized_h if plan else None,
-                "crop_left": plan.crop_left if plan else None,
-                "crop_top": plan.crop_top if plan else None,
-            }
-            rows.append(row)
-    return rows
+
+def fit_sql(con, images_sql: str, buckets: list[Bucket], target_table: str) -> None:
+    """`target_table`(image_id, too_small, detail): too_small when no base resolution's nearest
+    bucket can be filled without upsampling. `images_sql` selects (image_id, width, height)."""
+    with _registered(con, images_sql, buckets):
+        con.execute(
+            f"""CREATE OR REPLACE TEMP TABLE "{target_table}" AS
+                SELECT image_id, min(scale) > 1 + {SCALE_EPS} AS too_small,
+                       CASE WHEN min(scale) > 1 + {SCALE_EPS}
+                            THEN printf('%dx%d needs x%.3f to fill %s (%dx%d)', any_value(src_w), any_value(src_h),
+                                        min(scale), arg_min(bucket_id, scale), arg_min(target_w, scale),
+                                        arg_min(target_h, scale)) END AS detail
+                FROM ({CHOICE_SQL}) GROUP BY image_id"""
+        )

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import duckdb
-import pyarrow as pa
 
-from bucket_assets.core.buckets import Bucket, is_upsample, smallest_upsample
+from bucket_assets.core.buckets import Bucket, fit_sql
 from bucket_assets.spec import Filters
 
 # Order matters: the first matching rule is the recorded reason. Content duplicates are found
@@ -51,29 +50,20 @@ ORDER BY f.row_id
 """
 
 
-def fit_table(rows: list[tuple[int, int, int]], buckets: list[Bucket]) -> pa.Table:
-    """row_id, too_small, detail: too_small when no base resolution's nearest bucket can be
-    filled without upsampling."""
-    ids, small, detail = [], [], []
-    for row_id, w, h in rows:
-        scale, b = smallest_upsample(w, h, buckets)
-        ids.append(row_id)
-        small.append(is_upsample(scale))
-        detail.append(f"{w}x{h} needs x{scale:.3f} to fill {b.id} ({b.w}x{b.h})" if is_upsample(scale) else None)
-    return pa.table({"row_id": pa.array(ids, pa.int64()), "too_small": pa.array(small, pa.bool_()),
-                     "detail": pa.array(detail, pa.string())})
-
-
 def apply_filters(con: duckdb.DuckDBPyConnection, filters: Filters, buckets: list[Bucket]) -> None:
     """Create table filtered_images from raw_index: one decision per record."""
-    rows = con.execute(
-        "SELECT row_id, width, height FROM raw_index WHERE issue IS NULL AND width > 0 AND height > 0"
-    ).fetchall()
-    con.register("_fit", fit_table(rows, buckets))
+    fit_sql(
+        con,
+        "SELECT row_id AS image_id, width, height FROM raw_index WHERE issue IS NULL AND width > 0 AND height > 0",
+        buckets,
+        "_fit_by_id",
+    )
+    con.execute("CREATE OR REPLACE TEMP VIEW _fit AS SELECT image_id AS row_id, too_small, detail FROM _fit_by_id")
     try:
         _run_filter_sql(con, filters)
     finally:
-        con.unregister("_fit")
+        con.execute("DROP VIEW IF EXISTS _fit")
+        con.execute("DROP TABLE IF EXISTS _fit_by_id")
 
 
 def _run_filter_sql(con: duckdb.DuckDBPyConnection, filters: Filters) -> None:

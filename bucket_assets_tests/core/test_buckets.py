@@ -11,7 +11,7 @@ import pytest
 from bucket_assets.core.buckets import (
     PROTO_BUCKETS,
     Bucket,
-    assign,
+    assign_sql,
     bucket_table,
     crop_origin,
     nearest_bucket,
@@ -305,7 +305,40 @@ def test_crop_origin_errors():
         crop_origin(800, 700, 512, 512, "x", strategy="random")
 
 
-# assign ---------------------------------------------------------------------------------------
+# assign (set-based, in DuckDB) ------------------------------------------------------------------
+
+
+def assign(images, buckets, strategy="corner", allowed_corners=(2, 3), jitter=0) -> list[dict]:
+    """Run the product's SQL assignment over (image_id, w, h) rows; rows in input order."""
+    import duckdb
+    import pyarrow as pa
+
+    con = duckdb.connect()
+    con.register("_in", pa.table({"image_id": [i for i, _, _ in images], "width": [w for _, w, _ in images],
+                                  "height": [h for _, _, h in images], "pos": list(range(len(images)))}))
+    con.execute("CREATE TABLE pos AS SELECT image_id, pos FROM _in")
+    assign_sql(con, "SELECT image_id, width, height FROM _in", buckets, "out", strategy, list(allowed_corners), jitter)
+    rows = con.execute("SELECT o.* FROM out o JOIN pos USING (image_id) ORDER BY pos, base_resolution DESC").to_arrow_table()
+    return rows.to_pylist()
+
+
+def oracle(images, buckets, strategy="corner", allowed_corners=(2, 3), jitter=0) -> list[dict]:
+    """The same rows from the one-image reference functions."""
+    by_base: dict[int, list] = {}
+    for b in buckets:
+        by_base.setdefault(b.base_resolution, []).append(b)
+    rows = []
+    for image_id, w, h in images:
+        for base in sorted(by_base, reverse=True):
+            b = nearest_bucket(w, h, by_base[base])
+            plan = plan_cover(w, h, b, image_id, strategy, allowed_corners, jitter)
+            rows.append({
+                "image_id": image_id, "key": sample_key(image_id), "base_resolution": base, "bucket_id": b.id,
+                "target_w": b.w, "target_h": b.h, "status": "ok" if plan else "too_small",
+                "resized_w": plan.resized_w if plan else None, "resized_h": plan.resized_h if plan else None,
+                "crop_left": plan.crop_left if plan else None, "crop_top": plan.crop_top if plan else None,
+            })
+    return rows
 
 
 def test_assign_one_row_per_image_and_base():
@@ -335,19 +368,26 @@ def test_assign_one_row_per_image_and_base():
     assert odd["bucket_id"] == "r512_p1024x1024"
 
 
-def test_assign_rows_match_plan_cover():
-    table = _table512()
-    images = [(f"im{i}", 600 + 37 * i, 1400 - 29 * i) for i in range(20)]
-    rows = assign(images, table, strategy="corner", allowed_corners=[0, 3], jitter=5)
-    assert [r["image_id"] for r in rows] == [i for i, _, _ in images]
-    for (image_id, w, h), r in zip(images, rows):
-        b = nearest_bucket(w, h, table)
-        plan = plan_cover(w, h, b, image_id, "corner", [0, 3], 5)
-        assert r["bucket_id"] == b.id
-        if plan is None:
-            assert r["status"] == "too_small"
-        else:
-            assert r["status"] == "ok"
-            assert (r["resized_w"], r["resized_h"], r["crop_left"], r["crop_top"]) == (
-                plan.resized_w, plan.resized_h, plan.crop_left, plan.crop_top
-            )
+@pytest.mark.parametrize(
+    "bases,strategy,corners,jitter",
+    [([512], "corner", [2, 3], 0), ([512], "corner", [0, 1, 2, 3], 7), ([512, 256], "center", [2, 3], 0),
+     ([1024, 384], "corner", [1], 3)],
+)
+def test_sql_assignment_equals_the_reference_functions(bases, strategy, corners, jitter):
+    import random
+
+    rnd = random.Random(sum(bases) + jitter)
+    ids = ["plain", "a.b", "x y/z", "ünï", "q" * 120, "dup-0123456789ab", "5000", "with_under-score"]
+    images = [(ids[i] if i < len(ids) else f"img{i}.{rnd.randint(0, 9)}", rnd.randint(64, 4000), rnd.randint(64, 4000))
+              for i in range(3000)]
+    images += [(f"exact{i}", b.w, b.h) for i, b in enumerate(bucket_table(bases, 32))]
+    table = bucket_table(bases, 32)
+    got = [{k: r[k] for k in ("image_id", "key", "base_resolution", "bucket_id", "target_w", "target_h", "status",
+                             "resized_w", "resized_h", "crop_left", "crop_top")} for r in assign(images, table, strategy, corners, jitter)]
+    want = oracle(images, table, strategy, corners, jitter)
+    assert len(got) == len(want)
+    got_by = {(r["image_id"], r["base_resolution"]): r for r in got}
+    want_by = {(r["image_id"], r["base_resolution"]): r for r in want}
+    assert got_by.keys() == want_by.keys()
+    mismatches = [(got_by[k], want_by[k]) for k in want_by if got_by[k] != want_by[k]]
+    assert not mismatches, mismatches[:3]
