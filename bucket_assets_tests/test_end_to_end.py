@@ -287,3 +287,19 @@ def test_same_image_id_in_two_sources_fails_naming_both(make_spec, sample_root, 
     line = res.stderr.strip()
     assert "\n" not in line
     assert "'5000'" in line and "'pcb'" in line and "'folder'" in line
+
+
+def test_incremental_verification_rereads_only_changed_shards(make_spec):
+    spec_path = make_spec("incremental_verify")
+    assert materialize_all(spec_path).success
+    export = Path(load_spec(spec_path).output_dir)
+    full = verify_export(export)
+    assert full.reverified == full.shards > 2
+    again = verify_export(export, full.verified)
+    assert again.reverified == 0 and again.samples == full.samples
+    shard = sorted(export.rglob("shard-*.tar"))[0]
+    data = bytearray(shard.read_bytes())
+    data[600] ^= 0x01
+    shard.write_bytes(bytes(data))
+    with pytest.raises(Exception, match=str(shard.relative_to(export))):
+        verify_export(export, full.verified)

@@ -45,6 +45,13 @@ class VerifyReport:
     buckets: int
     shards: int
     samples: int
+    reverified: int = 0  # shards read and decoded this time (the rest matched `known`)
+    verified: dict | None = None  # path -> [size, mtime_ns, inode, sha256] of every good shard
+
+
+def _stat_key(path: Path) -> list:
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns, st.st_ino]
 
 
 def _check_sample(shard: str, key: str, parts: dict[str, bytes], bucket_id: str, bucket: dict, mode: str) -> None:
@@ -80,8 +87,15 @@ def _check_sample(shard: str, key: str, parts: dict[str, bytes], bucket_id: str,
         raise VerifyError(f"{shard}: {key}.jpg is {size[0]}x{size[1]}, bucket target is {tw}x{th}")
 
 
-def verify_export(export_dir: str | os.PathLike) -> VerifyReport:
-    """Re-read every shard and check it against the manifest; raise VerifyError on the first fault."""
+def verify_export(export_dir: str | os.PathLike, known: dict | None = None) -> VerifyReport:
+    """Re-read every shard and check it against the manifest; raise VerifyError on the first fault.
+
+    `known` (a previous report's `verified`) skips shards whose size, mtime, inode and manifest
+    sha256 are unchanged since they were last fully verified; the CLI always passes None.
+    """
+    known = known or {}
+    verified: dict = {}
+    reverified = 0
     root = Path(export_dir)
     mpath = root / MANIFEST_NAME
     if not mpath.is_file():
@@ -103,6 +117,13 @@ def verify_export(export_dir: str | os.PathLike) -> VerifyReport:
             listed.add(path.resolve())
             if not path.is_file():
                 raise VerifyError(f"{rel}: shard listed in the manifest is missing")
+            stat = _stat_key(path)
+            if known.get(rel) == stat + [sh["sha256"]] and stat[0] == sh["bytes"]:
+                verified[rel] = known[rel]
+                count += sh["samples"]
+                n_shards += 1
+                continue
+            reverified += 1
             if path.stat().st_size != sh["bytes"]:
                 raise VerifyError(f"{rel}: {path.stat().st_size} bytes, manifest says {sh['bytes']}")
             if file_sha256(path) != sh["sha256"]:
@@ -124,6 +145,7 @@ def verify_export(export_dir: str | os.PathLike) -> VerifyReport:
                 raise VerifyError(f"{rel}: {samples} samples, manifest says {sh['samples']}")
             count += samples
             n_shards += 1
+            verified[rel] = stat + [sh["sha256"]]
         if count != bucket["count"]:
             raise VerifyError(f"buckets/{bucket_id}: {count} samples, manifest says {bucket['count']}")
         n_samples += count
@@ -135,7 +157,7 @@ def verify_export(export_dir: str | os.PathLike) -> VerifyReport:
     total = manifest.get("summary", {}).get("samples_exported")
     if total is not None and total != n_samples:
         raise VerifyError(f"{mpath}: summary says {total} samples, shards hold {n_samples}")
-    return VerifyReport(len(manifest["buckets"]), n_shards, n_samples)
+    return VerifyReport(len(manifest["buckets"]), n_shards, n_samples, reverified, verified)
 
 
 def is_shard_name(name: str) -> bool:
