@@ -127,52 +127,93 @@ def read_landing_meta(name: str, parquet: Path, meta_path: Path) -> LandingSourc
     )
 
 
-def read_landing_captions(src: LandingSource, max_chars: int) -> pa.Table:
-    """image_id, text, status, flags of one landing parquet; a clear error on bad columns."""
+_WS = " \t\n\r\x0b\x0c"
+
+
+def landing_captions_sql(con, src: LandingSource) -> str:
+    """SQL selecting (image_id, text, status, row_number, flags) from one landing parquet, cleaned like
+    clean_caption (NULs removed, trimmed, capped at $max_chars, flagged). Parameters: $path,
+    $max_chars. Raises CaptionSourceError for missing or mistyped columns and non-UTF-8 text."""
     try:
-        table = pq.read_table(src.parquet_path)
-    except Exception as exc:  # noqa: BLE001
+        cols = dict(
+            (r[0], r[1]) for r in con.execute("DESCRIBE SELECT * FROM read_parquet($path)", {"path": src.parquet_path}).fetchall()
+        )
+    except Exception as exc:  # noqa: BLE001 - duckdb raises several error types for a bad file
         raise CaptionSourceError(f"caption source {src.name}: cannot read parquet ({exc})") from None
     for col in ("image_id", "caption"):
-        if col not in table.column_names:
+        if col not in cols:
             raise CaptionSourceError(f"caption source {src.name}: missing column {col!r}")
-    ids = table.column("image_id")
-    if not (pa.types.is_string(ids.type) or pa.types.is_large_string(ids.type) or pa.types.is_integer(ids.type)):
-        raise CaptionSourceError(f"caption source {src.name}: column 'image_id' must be string or integer, got {ids.type}")
-    cap = table.column("caption")
-    if not (pa.types.is_string(cap.type) or pa.types.is_large_string(cap.type) or pa.types.is_binary(cap.type)):
-        raise CaptionSourceError(f"caption source {src.name}: column 'caption' must be string, got {cap.type}")
+    if cols["image_id"] not in ("VARCHAR", "BIGINT", "INTEGER", "SMALLINT", "TINYINT", "UBIGINT", "UINTEGER", "USMALLINT", "UTINYINT", "HUGEINT"):
+        raise CaptionSourceError(f"caption source {src.name}: column 'image_id' must be string or integer, got {cols['image_id']}")
+    if cols["caption"] == "BLOB":
+        bad = con.execute(
+            """SELECT image_id FROM read_parquet($path)
+               WHERE caption IS NOT NULL AND try(decode(caption)) IS NULL LIMIT 1""",
+            {"path": src.parquet_path},
+        ).fetchone()
+        if bad:
+            raise CaptionSourceError(f"caption source {src.name}: the caption of image_id {bad[0]} is not valid UTF-8")
+        raw = "decode(caption)"
+    elif cols["caption"] == "VARCHAR":
+        raw = "caption"
+    else:
+        raise CaptionSourceError(f"caption source {src.name}: column 'caption' must be string, got {cols['caption']}")
+    status = "coalesce(CAST(status AS VARCHAR), 'ok')" if "status" in cols else "'ok'"
+    ws = _WS.replace("'", "''")
+    return f"""
+        SELECT image_id, rtrim(left(t, $max_chars), '{ws}') AS text, status, row_number,
+               nullif(concat_ws(',', CASE WHEN has_nul THEN 'caption_nul_removed' END,
+                                     CASE WHEN length(t) > $max_chars THEN 'caption_truncated' END), '') AS flags
+        FROM (
+            SELECT CAST(image_id AS VARCHAR) AS image_id,
+                   trim(replace({raw}, chr(0), ''), '{ws}') AS t,
+                   contains({raw}, chr(0)) AS has_nul,
+                   {status} AS status, file_row_number AS row_number
+            FROM read_parquet($path, file_row_number = true) WHERE image_id IS NOT NULL
+        )"""
+
+
+def check_landing_captions(con, src: LandingSource, max_chars: int) -> int:
+    """Read every row once (so encoding errors surface now); returns the row count."""
+    sql = landing_captions_sql(con, src)
     try:
-        raw_caps = cap.to_pylist()
-        statuses = table.column("status").to_pylist() if "status" in table.column_names else [None] * table.num_rows
-    except UnicodeDecodeError:
-        raise CaptionSourceError(f"caption source {src.name}: text is not valid UTF-8") from None
-    out_ids, out_text, out_status, out_flags = [], [], [], []
-    for image_id, raw, status in zip(ids.to_pylist(), raw_caps, statuses):
-        if image_id is None:
-            continue
-        text, flags = clean_caption(raw, max_chars)
-        if "caption_not_utf8" in flags:
-            raise CaptionSourceError(
-                f"caption source {src.name}: the caption of image_id {image_id!s} is not valid UTF-8"
-            )
-        out_ids.append(str(image_id))
-        out_text.append(text)
-        out_status.append(str(status) if status is not None else "ok")
-        out_flags.append(",".join(flags) or None)
-    return pa.table({"image_id": out_ids, "text": out_text, "status": out_status, "flags": out_flags})
+        # sum(length(text)) makes DuckDB decode every caption, so bad text fails here.
+        return con.execute(
+            f"SELECT count(*), sum(length(text)) FROM ({sql})", {"path": src.parquet_path, "max_chars": max_chars}
+        ).fetchone()[0]
+    except CaptionSourceError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - e.g. invalid UTF-8 in a string column
+        raise CaptionSourceError(f"caption source {src.name}: cannot read captions ({exc})") from None
+
+
+def read_landing_captions(src: LandingSource, max_chars: int) -> pa.Table:
+    """One landing source's cleaned captions as an Arrow table (image_id, text, status, flags)."""
+    import duckdb
+
+    con = duckdb.connect()
+    try:
+        sql = landing_captions_sql(con, src)
+        return con.execute(
+            f"SELECT image_id, text, status, flags FROM ({sql}) ORDER BY row_number",
+            {"path": src.parquet_path, "max_chars": max_chars},
+        ).to_arrow_table()
+    finally:
+        con.close()
 
 
 def load_landing_source(
-    name: str, parquet: Path, meta: Path, selectors: list[str], max_chars: int
-) -> tuple[LandingSource, pa.Table]:
-    """Validate one landing pair completely; CaptionSourceError says why it cannot be used."""
+    con, name: str, parquet: Path, meta: Path, selectors: list[str], max_chars: int
+) -> LandingSource:
+    """Validate one landing pair completely (json, variant, columns, text); CaptionSourceError
+    says why it cannot be used. `con` is any DuckDB connection (it reads the parquet)."""
     src = read_landing_meta(name, parquet, meta)
     if src.variant not in selectors:
         raise CaptionSourceError(
             f"caption source {name}: variant {src.variant!r} is not in captions.selectors {list(selectors)}"
         )
-    return src, read_landing_captions(src, max_chars)
+    check_landing_captions(con, src, max_chars)
+    return src
 
 
 def landing_fingerprint(parquet: Path, meta: Path) -> str:

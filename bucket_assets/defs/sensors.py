@@ -18,12 +18,14 @@ import os
 from pathlib import Path
 
 import dagster as dg
-import pyarrow as pa
+import duckdb
 
 from bucket_assets.core.captions import (
     CaptionSourceError,
     changed_buckets,
+    check_landing_captions,
     discover_landing,
+    landing_captions_sql,
     landing_fingerprint,
     load_landing_source,
 )
@@ -59,22 +61,24 @@ def _registered(dataset: DatasetResource) -> dict[str, str]:
         return dict(con.execute("SELECT name, fingerprint FROM caption_sources WHERE kind = 'landing'").fetchall())
 
 
-def _unknown_ids(dataset: DatasetResource, table: pa.Table) -> tuple[int, int]:
+def _validate(dataset: DatasetResource, name: str, parquet: Path, meta: Path) -> tuple[int, int]:
+    """Validate a landing pair; returns (unknown image ids, captions). CaptionSourceError if bad."""
     spec = dataset.load()
-    ids = pa.table({"image_id": table.column("image_id")})
+    sel, cap = spec.captions.selectors, spec.captions.max_chars
     if not spec.db_path.exists():
-        return 0, ids.num_rows
+        with duckdb.connect() as con:  # no build yet: nothing to compare ids with
+            src = load_landing_source(con, name, parquet, meta, sel, cap)
+            return 0, check_landing_captions(con, src, cap)
     with dataset.db() as con:
+        src = load_landing_source(con, name, parquet, meta, sel, cap)
         if not table_exists(con, "raw_index"):
-            return 0, ids.num_rows
-        con.register("_ids", ids)
-        try:
-            unknown = con.execute(
-                "SELECT count(*) FROM _ids WHERE image_id NOT IN (SELECT image_id FROM raw_index)"
-            ).fetchone()[0]
-        finally:
-            con.unregister("_ids")
-    return int(unknown), ids.num_rows
+            return 0, check_landing_captions(con, src, cap)
+        unknown, total = con.execute(
+            f"""SELECT count(*) FILTER (WHERE image_id NOT IN (SELECT image_id FROM raw_index)), count(*)
+                FROM ({landing_captions_sql(con, src)})""",
+            {"path": src.parquet_path, "max_chars": cap},
+        ).fetchone()
+    return int(unknown), int(total)
 
 
 @dg.sensor(
@@ -107,8 +111,7 @@ def caption_landing_sensor(context: dg.SensorEvaluationContext, dataset: Dataset
             changed.append((name, fp))
             continue
         try:
-            _, table = load_landing_source(name, parquet, meta, spec.captions.selectors, spec.captions.max_chars)
-            unknown, total = _unknown_ids(dataset, table)
+            unknown, total = _validate(dataset, name, parquet, meta)
             if total and unknown == total:
                 raise CaptionSourceError(f"caption source {name}: none of its {total} image ids is in the raw index")
         except CaptionSourceError as exc:

@@ -9,6 +9,7 @@ from bucket_assets.core.captions import (
     CaptionSourceError,
     caption_source_rows,
     discover_landing,
+    landing_captions_sql,
     load_landing_source,
     select_captions_sql,
 )
@@ -31,16 +32,16 @@ def caption_table(context: dg.AssetExecutionContext, dataset: DatasetResource) -
     `<name>.parquet` + `<name>.json` pair in the landing directory."""
     spec = dataset.load()
     landing, rejected = [], []
-    for name, parquet, meta in discover_landing(spec.captions.landing_dir):
-        try:
-            landing.append(load_landing_source(name, parquet, meta, spec.captions.selectors, spec.captions.max_chars))
-        except CaptionSourceError as exc:
-            rejected.append((name, str(exc)))
-            context.log.error(f"rejected caption source: {exc}")
-    inputs = [(s.name, s.kind, s.caption_variant) for s in spec.sources]
-    rows = caption_source_rows(inputs, [s for s, _ in landing])
-    ids = {(r["kind"], r["name"]): r["source_id"] for r in rows}
     with dataset.db() as con:
+        for name, parquet, meta in discover_landing(spec.captions.landing_dir):
+            try:
+                landing.append(load_landing_source(con, name, parquet, meta, spec.captions.selectors, spec.captions.max_chars))
+            except CaptionSourceError as exc:
+                rejected.append((name, str(exc)))
+                context.log.error(f"rejected caption source: {exc}")
+        inputs = [(s.name, s.kind, s.caption_variant) for s in spec.sources]
+        rows = caption_source_rows(inputs, landing)
+        ids = {(r["kind"], r["name"]): r["source_id"] for r in rows}
         replace_table(con, "caption_sources", pa.Table.from_pylist(rows, schema=CAPTION_SOURCES_SCHEMA))
         # Each input source's own captions; the first record of a (source, id) pair speaks for it.
         con.execute(
@@ -52,19 +53,22 @@ def caption_table(context: dg.AssetExecutionContext, dataset: DatasetResource) -
                QUALIFY row_number() OVER (PARTITION BY r.source, r.image_id ORDER BY r.row_id) = 1"""
         )
         unknown = {}
-        for src, table in landing:
-            sid = ids[("landing", src.name)]
-            con.register("_landing", table)
+        for src in landing:
+            params = {"path": src.parquet_path, "max_chars": spec.captions.max_chars,
+                      "sid": ids[("landing", src.name)], "variant": src.variant}
+            sql = landing_captions_sql(con, src)
+            # One caption per image per source: the first row for an id wins.
             con.execute(
-                """INSERT INTO captions
-                   SELECT image_id, ?, ?, text, status, flags FROM _landing
-                   QUALIFY row_number() OVER (PARTITION BY image_id ORDER BY image_id) = 1""",
-                [sid, src.variant],
+                f"""INSERT INTO captions
+                    SELECT image_id, $sid, $variant, text, status, flags FROM ({sql})
+                    QUALIFY row_number() OVER (PARTITION BY image_id ORDER BY row_number) = 1""",
+                params,
             )
             unknown[src.name] = con.execute(
-                "SELECT count(*) FROM _landing WHERE image_id NOT IN (SELECT image_id FROM raw_index)"
+                f"""SELECT count(*) FROM ({sql})
+                    WHERE image_id NOT IN (SELECT image_id FROM raw_index)""",
+                {"path": src.parquet_path, "max_chars": spec.captions.max_chars},
             ).fetchone()[0]
-            con.unregister("_landing")
         replace_table(
             con,
             "rejected_caption_sources",
