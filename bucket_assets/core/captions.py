@@ -253,6 +253,53 @@ LEFT JOIN (SELECT * FROM candidates WHERE rn = 1) w USING (image_id)
 """
 
 
+def build_caption_table(
+    con, inputs: list[tuple[str, str, str]], landing: list[LandingSource], max_chars: int
+) -> tuple[list[dict], dict[str, int]]:
+    """Tables caption_sources and captions from raw_index and validated landing sources.
+    Returns the source rows and, per landing source, how many captions name unknown image ids."""
+    from bucket_assets.core.db import replace_table
+
+    rows = caption_source_rows(inputs, landing)
+    ids = {(r["kind"], r["name"]): r["source_id"] for r in rows}
+    replace_table(con, "caption_sources", pa.Table.from_pylist(rows, schema=CAPTION_SOURCES_SCHEMA))
+    # Each input source's own captions; the first record of a (source, id) pair speaks for it.
+    con.execute(
+        """CREATE OR REPLACE TABLE captions AS
+           SELECT r.image_id, s.source_id, s.variant, r.caption AS text,
+                  CASE WHEN r.caption IS NULL OR r.caption = '' THEN 'empty' ELSE 'ok' END AS status,
+                  r.notes AS flags
+           FROM raw_index r JOIN caption_sources s ON s.kind = 'input' AND s.name = r.source
+           QUALIFY row_number() OVER (PARTITION BY r.source, r.image_id ORDER BY r.row_id) = 1"""
+    )
+    unknown = {}
+    for src in landing:
+        sql = landing_captions_sql(con, src)
+        params = {"path": src.parquet_path, "max_chars": max_chars}
+        # One caption per image per source: the first row for an id wins.
+        con.execute(
+            f"""INSERT INTO captions
+                SELECT image_id, $sid, $variant, text, status, flags FROM ({sql})
+                QUALIFY row_number() OVER (PARTITION BY image_id ORDER BY row_number) = 1""",
+            {**params, "sid": ids[("landing", src.name)], "variant": src.variant},
+        )
+        unknown[src.name] = con.execute(
+            f"""SELECT count(*) FROM ({sql}) c
+                WHERE NOT EXISTS (SELECT 1 FROM raw_index r WHERE r.image_id = c.image_id)""",
+            params,
+        ).fetchone()[0]
+    return rows, unknown
+
+
+def select_captions(con, selectors: list[str], missing: str) -> None:
+    """Table selected_captions: the waterfall over every image with an ok bucket assignment."""
+    con.execute(
+        """CREATE OR REPLACE TEMP VIEW wanted_images AS
+           SELECT DISTINCT image_id FROM bucket_assignments WHERE status = 'ok'"""
+    )
+    con.execute("CREATE OR REPLACE TABLE selected_captions AS " + WATERFALL_SQL, {"selectors": selectors, "missing": missing})
+
+
 def select_captions_sql() -> str:
     """SQL over tables `captions`, `caption_sources` and `wanted_images(image_id)`.
 

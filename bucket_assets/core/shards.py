@@ -201,3 +201,42 @@ def read_shard(path: str | os.PathLike) -> Iterator[tuple[str, dict[str, bytes]]
             parts[ext] = tf.extractfile(m).read()  # type: ignore[union-attr]
     if current is not None:
         yield current, parts
+
+
+# The ordered sample list of each bucket: what its shards will hold.
+SAMPLE_PLAN_SQL = """
+SELECT p.bucket_id, p.bytes AS jpg_bytes, p.key, p.path, p.image_id, r.source, a.src_w, a.src_h,
+       a.target_w, a.target_h, sc.text, sc.caption_variant, sc.caption_selector_index,
+       sc.caption_source_id, r.url, r.similarity, r.nsfw, r.license
+FROM processed_images p
+JOIN bucket_assignments a ON a.image_id = p.image_id AND a.bucket_id = p.bucket_id
+JOIN selected_captions sc ON sc.image_id = p.image_id
+JOIN filtered_images f ON f.image_id = p.image_id AND f.decision = 'keep'
+JOIN raw_index r ON r.row_id = f.row_id
+WHERE list_contains($buckets, p.bucket_id) AND p.status = 'ok' AND sc.status <> 'dropped'
+ORDER BY p.bucket_id, p.key
+"""
+
+
+def write_sample_plan(con, bucket_ids: list[str], path: str | os.PathLike) -> None:
+    """Write the ordered sample lists of these buckets to a parquet file (row groups follow the
+    bucket order, so reading one bucket back touches only its rows)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(path).with_name(f"{TMP_PREFIX}{Path(path).name}")
+    con.execute(
+        f"COPY ({SAMPLE_PLAN_SQL}) TO '{_sql_path(tmp)}' (FORMAT parquet, ROW_GROUP_SIZE 65536)",
+        {"buckets": list(bucket_ids)},
+    )
+    os.replace(tmp, path)
+
+
+def read_sample_plan(path: str | os.PathLike, bucket_id: str) -> list[dict]:
+    import pyarrow.parquet as pq
+
+    return pq.read_table(path, filters=[("bucket_id", "=", bucket_id)]).to_pylist()
+
+
+def _sql_path(p: Path) -> str:
+    # COPY TO takes a literal path; ours are generated under work_dir, never user text, but
+    # quote them anyway.
+    return str(p).replace("'", "''")

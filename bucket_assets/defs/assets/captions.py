@@ -5,13 +5,11 @@ import dagster as dg
 import pyarrow as pa
 
 from bucket_assets.core.captions import (
-    CAPTION_SOURCES_SCHEMA,
     CaptionSourceError,
-    caption_source_rows,
+    build_caption_table,
     discover_landing,
-    landing_captions_sql,
     load_landing_source,
-    select_captions_sql,
+    select_captions,
 )
 from bucket_assets.core.db import replace_table
 from bucket_assets.defs.assets.assignment import bucket_assignments
@@ -40,35 +38,7 @@ def caption_table(context: dg.AssetExecutionContext, dataset: DatasetResource) -
                 rejected.append((name, str(exc)))
                 context.log.error(f"rejected caption source: {exc}")
         inputs = [(s.name, s.kind, s.caption_variant) for s in spec.sources]
-        rows = caption_source_rows(inputs, landing)
-        ids = {(r["kind"], r["name"]): r["source_id"] for r in rows}
-        replace_table(con, "caption_sources", pa.Table.from_pylist(rows, schema=CAPTION_SOURCES_SCHEMA))
-        # Each input source's own captions; the first record of a (source, id) pair speaks for it.
-        con.execute(
-            """CREATE OR REPLACE TABLE captions AS
-               SELECT r.image_id, s.source_id, s.variant, r.caption AS text,
-                      CASE WHEN r.caption IS NULL OR r.caption = '' THEN 'empty' ELSE 'ok' END AS status,
-                      r.notes AS flags
-               FROM raw_index r JOIN caption_sources s ON s.kind = 'input' AND s.name = r.source
-               QUALIFY row_number() OVER (PARTITION BY r.source, r.image_id ORDER BY r.row_id) = 1"""
-        )
-        unknown = {}
-        for src in landing:
-            params = {"path": src.parquet_path, "max_chars": spec.captions.max_chars,
-                      "sid": ids[("landing", src.name)], "variant": src.variant}
-            sql = landing_captions_sql(con, src)
-            # One caption per image per source: the first row for an id wins.
-            con.execute(
-                f"""INSERT INTO captions
-                    SELECT image_id, $sid, $variant, text, status, flags FROM ({sql})
-                    QUALIFY row_number() OVER (PARTITION BY image_id ORDER BY row_number) = 1""",
-                params,
-            )
-            unknown[src.name] = con.execute(
-                f"""SELECT count(*) FROM ({sql})
-                    WHERE image_id NOT IN (SELECT image_id FROM raw_index)""",
-                {"path": src.parquet_path, "max_chars": spec.captions.max_chars},
-            ).fetchone()[0]
+        rows, unknown = build_caption_table(con, inputs, landing, spec.captions.max_chars)
         replace_table(
             con,
             "rejected_caption_sources",
@@ -102,14 +72,7 @@ def selected_captions(dataset: DatasetResource) -> dg.MaterializeResult:
     caption; newest source within a selector; `missing` decides empty caption or drop."""
     spec = dataset.load()
     with dataset.db() as con:
-        con.execute(
-            """CREATE OR REPLACE TEMP VIEW wanted_images AS
-               SELECT DISTINCT image_id FROM bucket_assignments WHERE status = 'ok'"""
-        )
-        con.execute(
-            "CREATE OR REPLACE TABLE selected_captions AS " + select_captions_sql(),
-            {"selectors": list(spec.captions.selectors), "missing": spec.captions.missing},
-        )
+        select_captions(con, list(spec.captions.selectors), spec.captions.missing)
         by_selector = con.execute(
             """SELECT coalesce(caption_variant, '(' || status || ')'), count(*) FROM selected_captions
                GROUP BY ALL ORDER BY count(*) DESC"""

@@ -20,7 +20,9 @@ from bucket_assets.core.shards import (
     caption_txt,
     plan_shards,
     sample_json,
+    read_sample_plan,
     sample_tar_bytes,
+    write_sample_plan,
     write_shard,
 )
 from bucket_assets.defs.assets.captions import caption_table, selected_captions
@@ -37,20 +39,6 @@ SHARD_SAMPLES_SCHEMA = pa.schema(
      ("text", pa.string()), ("caption_variant", pa.string()), ("caption_selector_index", pa.int32()),
      ("caption_source_id", pa.int32())]
 )
-
-SAMPLES_SQL = """
-SELECT p.bytes AS jpg_bytes, p.key, p.path, p.image_id, r.source, a.src_w, a.src_h, a.target_w, a.target_h,
-       sc.text, sc.caption_variant, sc.caption_selector_index, sc.caption_source_id,
-       r.url, r.similarity, r.nsfw, r.license
-FROM processed_images p
-JOIN bucket_assignments a ON a.image_id = p.image_id AND a.bucket_id = p.bucket_id
-JOIN selected_captions sc ON sc.image_id = p.image_id
-JOIN filtered_images f ON f.image_id = p.image_id AND f.decision = 'keep'
-JOIN raw_index r ON r.row_id = f.row_id
-WHERE p.bucket_id = ? AND p.status = 'ok' AND sc.status <> 'dropped'
-ORDER BY p.key
-"""
-
 
 def _meta(row: dict, bucket_id: str) -> bytes:
     return sample_json(
@@ -124,19 +112,24 @@ def bucket_shards_asset(partitions: dg.PartitionsDefinition, processed_images: d
         spec = dataset.load()
         out_dir = Path(spec.output_dir)
         all_shards, all_samples, rewritten = [], [], 0
-        for bucket_id in context.partition_keys:
-            with dataset.db() as con:
-                rows = (
-                    con.execute(SAMPLES_SQL, [bucket_id]).to_arrow_table().to_pylist()
-                    if table_exists(con, "processed_images")
-                    else []
-                )
-            s_rows, smp_rows, n = write_bucket(out_dir, bucket_id, rows, spec.shards.max_samples, spec.shards.max_bytes)
-            all_shards += s_rows
-            all_samples += smp_rows
-            rewritten += n
+        keys = list(context.partition_keys)
+        plan = Path(spec.work_dir) / "tmp" / f"sample-plan-{context.run_id}.parquet"
         with dataset.db() as con:
-            keys = list(context.partition_keys)
+            # One query for every requested bucket, spilled to a file so the DB lock is not
+            # held while shards are written.
+            has_plan = table_exists(con, "processed_images")
+            if has_plan:
+                write_sample_plan(con, keys, plan)
+        try:
+            for bucket_id in keys:
+                rows = read_sample_plan(plan, bucket_id) if has_plan else []
+                s_rows, smp_rows, n = write_bucket(out_dir, bucket_id, rows, spec.shards.max_samples, spec.shards.max_bytes)
+                all_shards += s_rows
+                all_samples += smp_rows
+                rewritten += n
+        finally:
+            plan.unlink(missing_ok=True)
+        with dataset.db() as con:
             replace_partitions(con, "shard_files", pa.Table.from_pylist(all_shards, schema=SHARD_FILES_SCHEMA), keys)
             replace_partitions(con, "shard_samples", pa.Table.from_pylist(all_samples, schema=SHARD_SAMPLES_SCHEMA), keys)
         context.log.info(f"{len(all_shards)} shard(s), {len(all_samples)} samples; {rewritten} file(s) rewritten")
