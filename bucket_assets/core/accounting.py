@@ -30,9 +30,11 @@ SELECT f.row_id, f.image_id, f.source,
         ELSE 'not_built'
     END AS outcome
 FROM filtered_images f
-LEFT JOIN exported e ON f.decision = 'keep' AND e.image_id = f.image_id
-LEFT JOIN selected_captions sc ON f.decision = 'keep' AND sc.image_id = f.image_id
-LEFT JOIN proc ON f.decision = 'keep' AND proc.image_id = f.image_id
+-- Plain equi-joins (a non-equality term in a LEFT JOIN makes DuckDB fall back to a nested loop);
+-- rows that are not 'keep' are decided by the first WHEN whatever they join to.
+LEFT JOIN exported e ON e.image_id = f.image_id
+LEFT JOIN selected_captions sc ON sc.image_id = f.image_id
+LEFT JOIN proc ON proc.image_id = f.image_id
 """
 
 

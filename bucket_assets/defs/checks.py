@@ -18,15 +18,27 @@ def build_checks(filtered_images, export_manifest) -> list:
     def export_verifies(dataset: DatasetResource) -> dg.AssetCheckResult:
         """Every shard listed exists with its sha256, sample count, members and decodable JPEGs.
         Shards unchanged (size, mtime, inode, sha256) since their last full check are not re-read,
-        so a caption update verifies only the buckets it rewrote."""
+        and JPEG members whose bytes the image stage encoded at the target size are hashed, not
+        decoded, so a caption update verifies only what it rewrote. `bucket-assets verify`
+        re-reads and decodes everything."""
         spec = dataset.load()
         cache = Path(spec.work_dir) / VERIFIED_CACHE
         try:
             known = json.loads(cache.read_text()) if cache.is_file() else {}
         except (OSError, json.JSONDecodeError):
             known = {}
+        with dataset.db() as con:
+            # JPEGs the image stage encoded and measured at their target size (sha256 of the bytes).
+            trusted = frozenset(
+                r[0]
+                for r in con.execute(
+                    """SELECT p.sha256 FROM processed_images p
+                       JOIN bucket_assignments a ON a.image_id = p.image_id AND a.bucket_id = p.bucket_id
+                       WHERE p.status = 'ok' AND p.width = a.target_w AND p.height = a.target_h"""
+                ).fetchall()
+            ) if spec.image.mode == "reencode_jpeg" else frozenset()
         try:
-            rep = verify_export(spec.output_dir, known)
+            rep = verify_export(spec.output_dir, known, trusted)
         except VerifyError as exc:
             cache.unlink(missing_ok=True)
             return dg.AssetCheckResult(passed=False, description=str(exc))
