@@ -64,6 +64,7 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", type=int, default=10_000_000)
     ap.add_argument("--out", default="/tmp/bench_meta")
+    ap.add_argument("--memory-limit", default="3GB", help="the spec's metadata.memory_limit")
     args = ap.parse_args()
     root = Path(args.out)
     shutil.rmtree(root, ignore_errors=True)
@@ -81,7 +82,7 @@ def main() -> int:
         print(f"{name:<28} {times[name]:7.1f}s   peak RSS {rss_mb():7.0f} MB", flush=True)
         return out
 
-    with connect(db) as con:
+    with connect(db, args.memory_limit) as con:
         stage("generate raw index", lambda: con.execute(RAW_SQL, {"n": n}))
         for name, variant, rows, every in (("gemini", "caption_gemini_2_flash_lite", n, 1),
                                            ("mistral", "caption_mistral_medium_3_1", n // 10, 10)):

@@ -137,6 +137,11 @@ class Captions(_Model):
     max_chars: int = Field(default=20_000, ge=1)
 
 
+class Metadata(_Model):
+    # DuckDB working-memory cap for the metadata tables; bigger operations spill to work_dir.
+    memory_limit: str = Field(default="3GB", pattern=r"^[0-9]+(\.[0-9]+)?\s*(KB|MB|GB|TB|KiB|MiB|GiB|TiB)$")
+
+
 class Shards(_Model):
     max_samples: int = Field(default=1000, ge=1)
     max_bytes: int = Field(default=1_000_000_000, ge=10_000)
@@ -152,6 +157,7 @@ class Spec(_Model):
     image: ImageSpec = ImageSpec()
     captions: Captions = Captions()
     shards: Shards = Shards()
+    metadata: Metadata = Metadata()
 
     _name = field_validator("name")(_check_name)
 

@@ -19,13 +19,18 @@ import pyarrow as pa
 
 
 @contextmanager
-def connect(db_path: str | os.PathLike) -> Iterator[duckdb.DuckDBPyConnection]:
+def connect(db_path: str | os.PathLike, memory_limit: str = "3GB") -> Iterator[duckdb.DuckDBPyConnection]:
+    """A locked connection. DuckDB's working memory is capped (`memory_limit`); larger joins and
+    sorts spill to `<db dir>/tmp/duckdb` instead of growing the process."""
     db_path = Path(db_path)
     db_path.parent.mkdir(parents=True, exist_ok=True)
+    spill = db_path.parent / "tmp" / "duckdb"
     with open(f"{db_path}.lock", "a+b") as lock:
         fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
         try:
-            con = duckdb.connect(str(db_path))
+            con = duckdb.connect(
+                str(db_path), config={"memory_limit": memory_limit, "temp_directory": str(spill)}
+            )
             try:
                 yield con
             finally:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,6 +75,27 @@ def store_path(processed_dir: str | os.PathLike, bucket_id: str, key: str) -> st
 
 def render(task: RenderTask) -> dict:
     """Render one sample to its store path. Returns a result row; never raises for bad images."""
+    return _render(task, _no_clock)
+
+
+def render_profiled(task: RenderTask) -> tuple[dict, dict[str, float]]:
+    """render() plus seconds spent per step (read, decode, resize, crop, encode, write)."""
+    times: dict[str, float] = {}
+    last = [time.perf_counter()]
+
+    def clock(step: str) -> None:
+        now = time.perf_counter()
+        times[step] = times.get(step, 0.0) + now - last[0]
+        last[0] = now
+
+    return _render(task, clock), times
+
+
+def _no_clock(step: str) -> None:
+    pass
+
+
+def _render(task: RenderTask, clock) -> dict:
     out = {
         "image_id": task.image_id,
         "bucket_id": task.bucket_id,
@@ -93,6 +115,7 @@ def render(task: RenderTask) -> dict:
     except OSError as exc:
         out.update(status="read_error", error=str(exc))
         return out
+    clock("read")
     p = task.params
     if p.mode == "passthrough_jpeg":
         if not is_jpeg(data):
@@ -110,20 +133,25 @@ def render(task: RenderTask) -> dict:
         except ImageError as exc:
             out.update(status=exc.reason, error=exc.detail)
             return out
+        clock("decode")
         rgb = resize_cover(rgb, task.resized_w, task.resized_h)
+        clock("resize")
         rgb = crop(rgb, task.crop_left, task.crop_top, task.target_w, task.target_h)
+        clock("crop")
         sub = subsampling_for(p.subsampling, task.scale, p.adaptive_threshold)
         try:
             jpg = encode_jpeg(rgb, p.quality, sub)
         except Exception as exc:  # noqa: BLE001 - recorded per sample
             out.update(status="encode_error", error=f"{type(exc).__name__}: {exc}")
             return out
+        clock("encode")
         h, w = rgb.shape[:2]
         out["subsampling"] = sub
     # Not fsynced per image (a large share of the per-image cost); a reused store file is
     # checked against its recorded size, so a file lost to a power cut is rendered again.
     atomic_write_bytes(task.out_path, jpg, durable=False)
     out.update(bytes=len(jpg), sha256=hashlib.sha256(jpg).hexdigest(), width=w, height=h)
+    clock("write")
     return out
 
 

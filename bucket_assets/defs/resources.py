@@ -21,5 +21,6 @@ class DatasetResource(dg.ConfigurableResource):
 
     @contextmanager
     def db(self) -> Iterator[duckdb.DuckDBPyConnection]:
-        with connect(self.load().db_path) as con:
+        spec = self.load()
+        with connect(spec.db_path, spec.metadata.memory_limit) as con:
             yield con
