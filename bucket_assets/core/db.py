@@ -25,6 +25,7 @@ def connect(db_path: str | os.PathLike, memory_limit: str = "3GB") -> Iterator[d
     db_path = Path(db_path)
     db_path.parent.mkdir(parents=True, exist_ok=True)
     spill = db_path.parent / "tmp" / "duckdb"
+    spill.mkdir(parents=True, exist_ok=True)
     with open(f"{db_path}.lock", "a+b") as lock:
         fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
         try:
