@@ -12,8 +12,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import simplejpeg
-import torch
-import torch.nn.functional as F
 from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 
 # We enforce our own pixel limit (spec image.max_pixels) and report it as too_large; Pillow's
@@ -216,6 +214,9 @@ def resize_cover(rgb: np.ndarray, resized_w: int, resized_h: int) -> np.ndarray:
     h, w = rgb.shape[:2]
     if (w, h) == (resized_w, resized_h):
         return rgb
+    import torch  # imported where pixels are resized: the orchestrating process never needs it
+    import torch.nn.functional as F
+
     x = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).unsqueeze(0)
     y = F.interpolate(x, size=(resized_h, resized_w), mode="bicubic", antialias=True, align_corners=False)
     return y.squeeze(0).permute(1, 2, 0).numpy()
@@ -223,6 +224,9 @@ def resize_cover(rgb: np.ndarray, resized_w: int, resized_h: int) -> np.ndarray:
 
 def resize_cover_float(rgb: np.ndarray, resized_w: int, resized_h: int) -> np.ndarray:
     """The float32 reference of resize_cover: interpolate on a float tensor, rounded to uint8."""
+    import torch
+    import torch.nn.functional as F
+
     x = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).unsqueeze(0).float()
     y = F.interpolate(x, size=(resized_h, resized_w), mode="bicubic", antialias=True, align_corners=False)
     return y.round_().clamp_(0, 255).to(torch.uint8).squeeze(0).permute(1, 2, 0).contiguous().numpy()

@@ -221,7 +221,7 @@ def build_manifest(
         "preprocessing": {
             "exif_transpose": True,
             "color": "RGB; alpha composited on white; 16-bit scaled to 8-bit; ICC converted to sRGB",
-            "resize": "torch.nn.functional.interpolate(mode=bicubic, antialias=True, align_corners=False), CPU, float32, rounded to uint8",
+            "resize": "torch.nn.functional.interpolate(mode=bicubic, antialias=True, align_corners=False), CPU, uint8 channels-last",
             "cover_scale": "max(target_w / src_w, target_h / src_h)",
             "too_small_policy": "drop",
             "crop_strategy": img.crop.strategy,
