@@ -101,14 +101,14 @@ def plan_tasks(files: list[Path], store: Path):
     tasks = []
     for f in files:
         data = f.read_bytes()
-        h = probe(data, 100_000_000, measure_blank=False)
+        h = probe(data, 100_000_000)
         b = nearest_bucket(h.width, h.height, table)
         plan = plan_cover(h.width, h.height, b, f.stem)
         if plan is None:
             continue
         tasks.append(RenderTask(f.stem, b.id, f.stem, "", str(f), None, None, None, plan.scale, plan.resized_w,
                                 plan.resized_h, plan.crop_left, plan.crop_top, b.w, b.h,
-                                str(store / b.id / f"{f.stem}.jpg"), params))
+                                str(store / b.id / f"{f.stem}.jpg"), params, h.orientation))
     return tasks
 
 

@@ -87,7 +87,7 @@ class Filters(_Model):
     min_similarity: float | None = 0.3
     drop_nsfw: list[str] = ["NSFW"]
     drop_blank: bool = True
-    # Standard deviation (0-255 grey levels) of a small thumbnail below which an image is blank.
+    # Luma standard deviation (0-255) of the image below which it is blank (a uniform placeholder).
     blank_std_threshold: float = Field(default=2.0, ge=0)
     drop_duplicates: bool = True
 

@@ -1,4 +1,9 @@
-"""Filter decisions: exactly one per raw record, 'keep' or a reason."""
+"""Filter decisions: exactly one per raw record, 'keep' or a reason.
+
+Everything here is decided from the raw index (headers, hashes, source metadata) without
+decoding pixels; 'blank' needs pixels and is decided where they are decoded anyway (the
+processed-images stage), so it costs nothing extra.
+"""
 
 from __future__ import annotations
 
@@ -19,7 +24,6 @@ WITH first_pass AS (
             WHEN nsfw IS NOT NULL AND list_contains($drop_nsfw, nsfw) THEN 'nsfw'
             WHEN $min_similarity IS NOT NULL AND similarity IS NOT NULL AND similarity < $min_similarity
                 THEN 'low_similarity'
-            WHEN $drop_blank AND blank_std IS NOT NULL AND blank_std < $blank_std THEN 'blank'
             WHEN fit.too_small THEN 'too_small'
             ELSE 'keep'
         END AS decision,
@@ -28,8 +32,6 @@ WITH first_pass AS (
             WHEN nsfw IS NOT NULL AND list_contains($drop_nsfw, nsfw) THEN 'NSFW tag ' || nsfw
             WHEN $min_similarity IS NOT NULL AND similarity IS NOT NULL AND similarity < $min_similarity
                 THEN 'similarity ' || similarity::VARCHAR
-            WHEN $drop_blank AND blank_std IS NOT NULL AND blank_std < $blank_std
-                THEN 'thumbnail std ' || round(blank_std, 3)::VARCHAR
             WHEN fit.too_small THEN fit.detail
         END AS detail
     FROM raw_index LEFT JOIN _fit AS fit USING (row_id)
@@ -72,8 +74,6 @@ def _run_filter_sql(con: duckdb.DuckDBPyConnection, filters: Filters) -> None:
         {
             "drop_nsfw": list(filters.drop_nsfw),
             "min_similarity": filters.min_similarity,
-            "drop_blank": filters.drop_blank,
-            "blank_std": filters.blank_std_threshold,
             "drop_duplicates": filters.drop_duplicates,
         },
     )

@@ -39,7 +39,6 @@ class ImageHeader:
     format: str
     mode: str
     orientation: int
-    blank_std: float | None  # grey-level std of a small thumbnail; None when not measured
 
 
 def _open(data: bytes, max_pixels: int) -> Image.Image:
@@ -69,32 +68,33 @@ def _orientation(img: Image.Image) -> int:
         return 1
 
 
-def probe(data: bytes, max_pixels: int, measure_blank: bool = True) -> ImageHeader:
-    """Read the header (size, EXIF orientation, format, mode) and optionally a blankness measure.
-
-    The blank measure decodes a reduced image (JPEG DCT scaling through `draft`), which also
-    catches most truncated files early.
-    """
+def probe(data: bytes, max_pixels: int) -> ImageHeader:
+    """Read the header only (size after EXIF orientation, format, mode): no pixel is decoded."""
     img = _open(data, max_pixels)
     w, h = img.size
     orientation = _orientation(img)
     if orientation in _ROTATED:
         w, h = h, w
-    blank_std = None
-    if measure_blank:
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                if img.format == "JPEG":
-                    img.draft("RGB", (64, 64))
-                img.seek(0)
-                thumb = to_rgb(img).reduce(max(1, min(img.size) // 32)).convert("L")
-            blank_std = float(np.asarray(thumb, dtype=np.float32).std())
-        except ImageError:
-            raise
-        except Exception as exc:  # noqa: BLE001
-            raise ImageError("decode_error", f"{type(exc).__name__}: {exc}") from None
-    return ImageHeader(w, h, img.format or "unknown", img.mode, orientation, blank_std)
+    return ImageHeader(w, h, img.format or "unknown", img.mode, orientation)
+
+
+_LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+
+
+def grey_std(rgb: np.ndarray) -> float:
+    """Standard deviation of luma (0-255) over every 4th pixel: ~0 for a uniform placeholder."""
+    sample = rgb[::4, ::4].astype(np.float32)
+    return float((sample @ _LUMA).std())
+
+
+def jpeg_grey_std(data: bytes) -> float:
+    """Luma std of a JPEG from a DCT-scaled (1/8) greyscale decode. Every coefficient is still
+    entropy-decoded, so a truncated or corrupt file raises ImageError('decode_error')."""
+    try:
+        grey = simplejpeg.decode_jpeg(data, colorspace="GRAY", min_height=1, min_width=1, min_factor=8, strict=True)
+    except ValueError as exc:
+        raise ImageError("decode_error", str(exc)) from None
+    return float(grey.astype(np.float32).std())
 
 
 def _composite_on_white(img: Image.Image) -> Image.Image:
@@ -151,7 +151,7 @@ def _has_icc(data: bytes) -> bool:
     return b"ICC_PROFILE\x00" in data[:131072]
 
 
-def _decode_jpeg_fast(data: bytes, max_pixels: int) -> np.ndarray | None:
+def _decode_jpeg_fast(data: bytes, max_pixels: int, orientation: int | None = None) -> np.ndarray | None:
     """libjpeg-turbo straight into a numpy array (simplejpeg) for plain YCbCr/grey JPEGs without an
     ICC profile: the same pixels as Pillow's decoder, without the PIL image round trip. Returns
     None for anything else (CMYK, ICC, odd headers), which takes the Pillow path."""
@@ -169,7 +169,7 @@ def _decode_jpeg_fast(data: bytes, max_pixels: int) -> np.ndarray | None:
         rgb = simplejpeg.decode_jpeg(data, colorspace="RGB", strict=True)
     except ValueError as exc:
         raise ImageError("decode_error", str(exc)) from None
-    return apply_orientation(rgb, jpeg_orientation(data))
+    return apply_orientation(rgb, jpeg_orientation(data) if orientation is None else orientation)
 
 
 def jpeg_orientation(data: bytes) -> int:
@@ -181,9 +181,11 @@ def jpeg_orientation(data: bytes) -> int:
         return 1
 
 
-def decode_rgb(data: bytes, max_pixels: int) -> np.ndarray:
-    """Decode the first frame, apply EXIF orientation, convert to RGB; HxWx3 uint8."""
-    fast = _decode_jpeg_fast(data, max_pixels)
+def decode_rgb(data: bytes, max_pixels: int, orientation: int | None = None) -> np.ndarray:
+    """Decode the first frame, apply EXIF orientation, convert to RGB; HxWx3 uint8.
+    `orientation`, when the caller already read it from the header (the raw index did), saves
+    parsing the EXIF block again."""
+    fast = _decode_jpeg_fast(data, max_pixels, orientation)
     if fast is not None:
         return fast
     img = _open(data, max_pixels)

@@ -21,7 +21,9 @@ from bucket_assets.core.imaging import (
     crop,
     decode_rgb,
     encode_jpeg,
+    grey_std,
     is_jpeg,
+    jpeg_grey_std,
     resize_cover,
     subsampling_for,
 )
@@ -37,6 +39,7 @@ class RenderParams:
     subsampling: str
     adaptive_threshold: float
     max_pixels: int
+    blank_std: float | None = None  # drop images whose luma std is below this (None: keep all)
 
 
 @dataclass(frozen=True)
@@ -58,13 +61,15 @@ class RenderTask:
     target_h: int
     out_path: str
     params: RenderParams
+    orientation: int | None = None  # EXIF orientation from the raw index, if known
 
     def fingerprint(self) -> str:
         d = {
             "v": RENDER_VERSION,
             "src": self.source_sha256,
             "plan": [self.resized_w, self.resized_h, self.crop_left, self.crop_top, self.target_w, self.target_h],
-            "params": [self.params.mode, self.params.quality, self.params.subsampling, self.params.adaptive_threshold],
+            "params": [self.params.mode, self.params.quality, self.params.subsampling, self.params.adaptive_threshold,
+                       self.params.blank_std],
         }
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
 
@@ -123,13 +128,21 @@ def _render(task: RenderTask, clock) -> dict:
             return out
         jpg = data
         try:
+            std = jpeg_grey_std(data)  # passthrough still proves the bytes decode
+        except ImageError as exc:
+            out.update(status=exc.reason, error=exc.detail)
+            return out
+        if p.blank_std is not None and std < p.blank_std:
+            out.update(status="blank", error=f"luma std {std:.3f} < {p.blank_std}")
+            return out
+        try:
             w, h = _jpeg_size(data)
         except Exception as exc:  # noqa: BLE001 - recorded per sample
             out.update(status="decode_error", error=f"{type(exc).__name__}: {exc}")
             return out
     else:
         try:
-            rgb = decode_rgb(data, p.max_pixels)
+            rgb = decode_rgb(data, p.max_pixels, task.orientation)
         except ImageError as exc:
             out.update(status=exc.reason, error=exc.detail)
             return out
@@ -138,6 +151,11 @@ def _render(task: RenderTask, clock) -> dict:
         clock("resize")
         rgb = crop(rgb, task.crop_left, task.crop_top, task.target_w, task.target_h)
         clock("crop")
+        if p.blank_std is not None:
+            std = grey_std(rgb)
+            if std < p.blank_std:
+                out.update(status="blank", error=f"luma std {std:.3f} < {p.blank_std}")
+                return out
         sub = subsampling_for(p.subsampling, task.scale, p.adaptive_threshold)
         try:
             jpg = encode_jpeg(rgb, p.quality, sub)

@@ -34,7 +34,6 @@ RAW_INDEX_SCHEMA = pa.schema(
         ("format", pa.string()),
         ("mode", pa.string()),
         ("orientation", pa.int8()),
-        ("blank_std", pa.float32()),
         ("caption", pa.string()),
         ("caption_field", pa.string()),
         ("url", pa.string()),
@@ -51,8 +50,8 @@ RAW_INDEX_SCHEMA = pa.schema(
 )
 
 
-def _probe_task(task: tuple[str | None, str | None, int | None, int | None, int, bool]) -> dict:
-    location, member, offset, size, max_pixels, measure_blank = task
+def _probe_task(task: tuple[str | None, str | None, int | None, int | None, int]) -> dict:
+    location, member, offset, size, max_pixels = task
     out: dict = {"sha256": None, "byte_size": None, "issue": None, "issue_detail": None}
     try:
         data = read_bytes(location, member, offset, size)  # type: ignore[arg-type]
@@ -62,11 +61,11 @@ def _probe_task(task: tuple[str | None, str | None, int | None, int | None, int,
     out["byte_size"] = len(data)
     out["sha256"] = hashlib.sha256(data).hexdigest()
     try:
-        h = probe(data, max_pixels, measure_blank)
+        h = probe(data, max_pixels)
     except ImageError as exc:
         out.update(issue=exc.reason, issue_detail=exc.detail)
         return out
-    out.update(width=h.width, height=h.height, format=h.format, mode=h.mode, orientation=h.orientation, blank_std=h.blank_std)
+    out.update(width=h.width, height=h.height, format=h.format, mode=h.mode, orientation=h.orientation)
     return out
 
 
@@ -91,7 +90,7 @@ def build_raw_index(spec: Spec, workers: int) -> tuple[pa.Table, ScanStats]:
     records, stats = scan_all(spec)
     kinds = {s.name: s.kind for s in spec.sources}
     tasks = [
-        (r.location, r.member, r.offset, r.size, spec.image.max_pixels, spec.filters.drop_blank)
+        (r.location, r.member, r.offset, r.size, spec.image.max_pixels)
         for r in records
         if r.issue is None
     ]

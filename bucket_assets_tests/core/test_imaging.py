@@ -18,7 +18,9 @@ from bucket_assets.core.imaging import (
     crop,
     decode_rgb,
     encode_jpeg,
+    grey_std,
     is_jpeg,
+    jpeg_grey_std,
     probe,
     apply_orientation,
     resize_cover,
@@ -260,25 +262,27 @@ def test_probe_exif_corrected_size():
     assert (h1.width, h1.height, h1.orientation) == (40, 20, 1)
 
 
-def test_probe_blank_std():
-    uniform = _save(Image.new("RGB", (256, 192), (120, 130, 140)), "JPEG", quality=95)
-    # coarse noise (32 px cells) survives the thumbnail reduction; fine noise averages out
-    cells = np.kron(_noise(6, 8), np.ones((32, 32, 1), dtype=np.uint8))
-    noise = _save(Image.fromarray(cells), "PNG")
-    hu = probe(uniform, MAX)
-    hn = probe(noise, MAX)
-    assert hu.blank_std is not None and hu.blank_std < 0.5
-    assert hn.blank_std is not None and hn.blank_std > 20
+def test_grey_std_separates_blank_from_content():
+    uniform = np.full((192, 256, 3), (120, 130, 140), dtype=np.uint8)
+    assert grey_std(uniform) < 0.5
+    assert grey_std(_photo(192, 256)) > 20
     # an almost-uniform image with a tiny speck is still near-blank
     speck = np.full((192, 256, 3), 90, dtype=np.uint8)
     speck[0, 0] = 0
-    assert probe(_save(Image.fromarray(speck), "PNG"), MAX).blank_std < 2.0
-    assert (hn.width, hn.height, hn.format) == (256, 192, "PNG")
+    assert grey_std(speck) < 2.0
+    blank_jpeg = _save(Image.fromarray(uniform), "JPEG", quality=95)
+    assert jpeg_grey_std(blank_jpeg) < 0.5
+    assert jpeg_grey_std(_save(Image.fromarray(_photo(192, 256)), "JPEG", quality=95)) > 20
+    with pytest.raises(ImageError, match="decode_error"):
+        jpeg_grey_std(blank_jpeg[: len(blank_jpeg) // 2])
 
 
-def test_probe_without_blank_measure():
-    h = probe(_save(Image.new("RGB", (8, 6)), "PNG"), MAX, measure_blank=False)
-    assert h.blank_std is None and (h.width, h.height) == (8, 6)
+def test_probe_reads_the_header_only():
+    truncated = _save(Image.fromarray(_photo(120, 160)), "JPEG", quality=95)[:2000]
+    h = probe(truncated, MAX)  # pixels are not decoded, so a truncated body is found later
+    assert (h.width, h.height) == (160, 120)
+    with pytest.raises(ImageError):
+        decode_rgb(truncated, MAX)
 
 
 def test_probe_errors():

@@ -41,12 +41,13 @@ def processed_images_asset(partitions: dg.PartitionsDefinition) -> dg.AssetsDefi
         params = RenderParams(
             spec.image.mode, spec.image.jpeg.quality, spec.image.jpeg.subsampling,
             spec.image.jpeg.adaptive_threshold, spec.image.max_pixels,
+            spec.filters.blank_std_threshold if spec.filters.drop_blank else None,
         )
         with dataset.db() as con:
             plan = con.execute(
                 """SELECT a.image_id, a.bucket_id, a.key, r.sha256, r.location, r.member, r.data_offset,
                           r.byte_size, a.scale, a.resized_w, a.resized_h, a.crop_left, a.crop_top,
-                          a.target_w, a.target_h
+                          a.target_w, a.target_h, r.orientation
                    FROM bucket_assignments a
                    JOIN filtered_images f ON f.image_id = a.image_id AND f.decision = 'keep'
                    JOIN raw_index r ON r.row_id = f.row_id
@@ -61,7 +62,8 @@ def processed_images_asset(partitions: dg.PartitionsDefinition) -> dg.AssetsDefi
                 ).to_arrow_table().to_pylist():
                     previous[(row["bucket_id"], row["key"])] = row
         tasks = [
-            RenderTask(*row[:15], out_path=store_path(spec.processed_dir, row[1], row[2]), params=params)
+            RenderTask(*row[:15], out_path=store_path(spec.processed_dir, row[1], row[2]), params=params,
+                       orientation=row[15])
             for row in plan
         ]
         results: dict[int, dict] = {}
