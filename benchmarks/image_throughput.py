@@ -1,6 +1,6 @@
 """Benchmark: the image hot path against the codec floor, img2dataset, and itself at scale.
 
-    python benchmarks/image_throughput.py --images 400 [--build-sizes 200,1000] [--memory-sizes 1000,10000] [--img2dataset]
+    python benchmarks/image_throughput.py --images 400 [--build-sizes 200,1000] [--memory-sizes 1000,10000] [--img2dataset] [--repeat 3]
 
 Corpus: N JPEGs cut from real photographs at web sizes (long side 800-2000 px, aspect
 0.5-2.0). Photos come from Debian's lomiri-wallpapers-16.04 (13 camera photos, 2000-5300 px,
@@ -272,6 +272,7 @@ def main() -> int:
     ap.add_argument("--img2dataset", action="store_true")
     ap.add_argument("--build-sizes", default="200,1000")
     ap.add_argument("--memory-sizes", default="")
+    ap.add_argument("--repeat", type=int, default=3, help="median of this many runs per measurement")
     args = ap.parse_args()
     root = Path(args.out)
     photos = photo_paths(args.install_photos)
@@ -289,7 +290,7 @@ def main() -> int:
     res = {}
     for name, fn in (("floor simplejpeg", _floor_simplejpeg), ("floor pillow", _floor_pillow), ("product", render)):
         for w in sorted({1, args.workers}):
-            res[(name, w)] = timed_map(fn, tasks, w)
+            res[(name, w)] = float(np.median([timed_map(fn, tasks, w) for _ in range(args.repeat)]))
             print(f"{name:<18} {w} worker(s): {n / res[(name, w)]:7.1f} img/s  {1000 * res[(name, w)] / n:6.2f} ms/img", flush=True)
     steps: dict[str, float] = {}
     for t in tasks:
@@ -326,7 +327,8 @@ def main() -> int:
 
     builds = {}
     for size in sizes:
-        elapsed, peak = run_build(root / f"build_{size}", corpus[:size], args.workers)
+        runs = [run_build(root / f"build_{size}", corpus[:size], args.workers) for _ in range(args.repeat)]
+        elapsed, peak = float(np.median([r[0] for r in runs])), max(r[1] for r in runs)
         builds[size] = (elapsed, peak)
         print(f"bucket-assets build {size:>6} images: {elapsed:7.1f}s, peak RSS of the process tree {peak / 2**20:7.0f} MB",
               flush=True)
