@@ -144,6 +144,7 @@ def test_two_builds_are_byte_identical_and_rebuild_reuses_work(make_spec):
         ("multires", {"buckets.base_resolutions": [512, 256]}),
         ("passthrough", {"image.mode": "passthrough_jpeg"}),
         ("center", {"image.crop": {"strategy": "center"}}),
+        ("dct", {"image.dct_downscale": True}),
     ],
 )
 def test_variants_build_and_verify(make_spec, variant, overrides):
@@ -177,6 +178,9 @@ def test_variants_build_and_verify(make_spec, variant, overrides):
         assert checked > 0
     if variant == "center":
         assert manifest["preprocessing"]["crop_strategy"] == "center"
+    if variant == "dct":
+        assert manifest["preprocessing"]["dct_downscale"] is True
+        assert "Approximate mode" in (export / "README.md").read_text()
     assert rep.samples == manifest["summary"]["samples_exported"]
 
 

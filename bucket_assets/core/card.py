@@ -64,6 +64,12 @@ def render_card(m: dict) -> str:
         summary_lines += "\n- source members skipped (not samples): " + ", ".join(
             f"{k} {_n(v)}" for k, v in tar_skips.items()
         )
+    dct_note = (
+        "\n- Approximate mode (`dct_downscale=true`): JPEG sources were decoded at a reduced DCT scale "
+        "(never below twice the resized size) before the resize"
+        if pre.get("dct_downscale")
+        else ""
+    )
     title = f"{m['name']} bucketed {'/'.join(str(b) for b in m['base_resolutions'])}"
     mode_note = (
         "If `image_mode=passthrough_jpeg`, the exporter stores the source file bytes as-is (no EXIF transpose / "
@@ -116,7 +122,7 @@ If `image_mode=reencode_jpeg`, images are processed deterministically per-sample
 - EXIF transpose, convert to RGB (alpha composited on white, 16-bit greys scaled to 8 bit, ICC profiles converted to sRGB)
 - **Cover-resize** using **torch CPU** bicubic interpolation with antialiasing (`mode=bicubic`, `antialias=True`)
 - **Never upsample**: samples that would require upscaling are skipped (`too_small_policy={pre['too_small_policy']}`)
-- Crop to the bucket target size (`crop_strategy={pre['crop_strategy']}`, allowed corners `{pre['allowed_corners']}`)
+- Crop to the bucket target size (`crop_strategy={pre['crop_strategy']}`, allowed corners `{pre['allowed_corners']}`){dct_note}
 
 Resize/crop details:
 - Cover scale is `scale = max(target_w / src_w, target_h / src_h)`; if `scale > 1`, the sample is skipped.

@@ -151,7 +151,9 @@ def _has_icc(data: bytes) -> bool:
     return b"ICC_PROFILE\x00" in data[:131072]
 
 
-def _decode_jpeg_fast(data: bytes, max_pixels: int, orientation: int | None = None) -> np.ndarray | None:
+def _decode_jpeg_fast(
+    data: bytes, max_pixels: int, orientation: int | None = None, min_size: tuple[int, int] | None = None
+) -> np.ndarray | None:
     """libjpeg-turbo straight into a numpy array (simplejpeg) for plain YCbCr/grey JPEGs without an
     ICC profile: the same pixels as Pillow's decoder, without the PIL image round trip. Returns
     None for anything else (CMYK, ICC, odd headers), which takes the Pillow path."""
@@ -165,11 +167,15 @@ def _decode_jpeg_fast(data: bytes, max_pixels: int, orientation: int | None = No
         return None
     if w * h > max_pixels:
         raise ImageError("too_large", f"{w}x{h} exceeds max_pixels {max_pixels}")
+    orientation = jpeg_orientation(data) if orientation is None else orientation
+    mw = mh = 0
+    if min_size is not None:  # DCT-domain downscale: decode at the smallest 1/8..8/8 scale >= min_size
+        mw, mh = (min_size[1], min_size[0]) if orientation in _ROTATED else min_size
     try:
-        rgb = simplejpeg.decode_jpeg(data, colorspace="RGB", strict=True)
+        rgb = simplejpeg.decode_jpeg(data, colorspace="RGB", strict=True, min_width=mw, min_height=mh)
     except ValueError as exc:
         raise ImageError("decode_error", str(exc)) from None
-    return apply_orientation(rgb, jpeg_orientation(data) if orientation is None else orientation)
+    return apply_orientation(rgb, orientation)
 
 
 def jpeg_orientation(data: bytes) -> int:
@@ -181,11 +187,14 @@ def jpeg_orientation(data: bytes) -> int:
         return 1
 
 
-def decode_rgb(data: bytes, max_pixels: int, orientation: int | None = None) -> np.ndarray:
+def decode_rgb(
+    data: bytes, max_pixels: int, orientation: int | None = None, min_size: tuple[int, int] | None = None
+) -> np.ndarray:
     """Decode the first frame, apply EXIF orientation, convert to RGB; HxWx3 uint8.
     `orientation`, when the caller already read it from the header (the raw index did), saves
-    parsing the EXIF block again."""
-    fast = _decode_jpeg_fast(data, max_pixels, orientation)
+    parsing the EXIF block again. `min_size` (w, h after orientation) lets a JPEG decode at a
+    reduced DCT scale that is still at least that large (approximate mode; None = exact)."""
+    fast = _decode_jpeg_fast(data, max_pixels, orientation, min_size)
     if fast is not None:
         return fast
     img = _open(data, max_pixels)

@@ -230,6 +230,7 @@ def build_manifest(
             "jpeg_quality": img.jpeg.quality,
             "jpeg_subsampling": img.jpeg.subsampling,
             "adaptive_threshold": img.jpeg.adaptive_threshold,
+            "dct_downscale": img.dct_downscale,
         },
         "proto_base": 1024,
         "base_resolutions": list(spec.buckets.base_resolutions),

@@ -379,3 +379,15 @@ def test_fast_jpeg_decode_greyscale_equals_pillow():
     data = _save(Image.fromarray(_photo(60, 80)).convert("L"), "JPEG", quality=90)
     ref = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
     assert np.array_equal(decode_rgb(data, MAX), ref)
+
+
+def test_dct_downscale_decodes_smaller_but_close():
+    photo = _photo(1200, 1600)
+    data = _save(Image.fromarray(photo), "JPEG", quality=95)
+    full = decode_rgb(data, MAX)
+    small = decode_rgb(data, MAX, None, (400, 300))
+    assert full.shape == (1200, 1600, 3)
+    assert small.shape[0] >= 300 and small.shape[1] >= 400 and small.shape[1] < 1600
+    a = resize_cover(full, 200, 150)
+    b = resize_cover(small, 200, 150)
+    assert _psnr(a, b) > 30

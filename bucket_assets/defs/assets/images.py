@@ -42,6 +42,7 @@ def processed_images_asset(partitions: dg.PartitionsDefinition) -> dg.AssetsDefi
             spec.image.mode, spec.image.jpeg.quality, spec.image.jpeg.subsampling,
             spec.image.jpeg.adaptive_threshold, spec.image.max_pixels,
             spec.filters.blank_std_threshold if spec.filters.drop_blank else None,
+            spec.image.dct_downscale,
         )
         with dataset.db() as con:
             plan = con.execute(
