@@ -171,6 +171,8 @@ def _decode_jpeg_fast(
     mw = mh = 0
     if min_size is not None:  # DCT-domain downscale: decode at the smallest 1/8..8/8 scale >= min_size
         mw, mh = (min_size[1], min_size[0]) if orientation in _ROTATED else min_size
+        if w * 7 < mw * 8 or h * 7 < mh * 8:
+            mw = mh = 0  # no scale below 8/8 fits: take the plain (faster) decode path
     try:
         rgb = simplejpeg.decode_jpeg(data, colorspace="RGB", strict=True, min_width=mw, min_height=mh)
     except ValueError as exc:
