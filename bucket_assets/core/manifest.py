@@ -11,7 +11,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from bucket_assets.core.shards import MEMBER_EXTS, SAMPLE_JSON_KEYS, SHARD_RE, file_sha256, read_shard
+from bucket_assets.core.shards import MEMBER_EXTS, SAMPLE_JSON_KEYS, file_sha256, read_shard
 
 FORMAT = "bucketed_shards_v1"
 MANIFEST_NAME = "manifest.json"
@@ -166,10 +166,6 @@ def verify_export(
     if total is not None and total != n_samples:
         raise VerifyError(f"{mpath}: summary says {total} samples, shards hold {n_samples}")
     return VerifyReport(len(manifest["buckets"]), n_shards, n_samples, reverified, verified)
-
-
-def is_shard_name(name: str) -> bool:
-    return bool(SHARD_RE.match(name))
 
 
 def build_manifest(

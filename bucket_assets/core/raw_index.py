@@ -127,7 +127,3 @@ def build_raw_index(spec: Spec, workers: int) -> tuple[pa.Table, ScanStats]:
         rows.append(row)
     table = pa.Table.from_pylist(rows, schema=RAW_INDEX_SCHEMA)
     return table, stats
-
-
-def stats_json(stats: ScanStats) -> str:
-    return json.dumps(dict(sorted(stats.counts.items())))

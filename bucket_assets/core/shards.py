@@ -19,7 +19,6 @@ BLOCK = 512
 RECORD = tarfile.RECORDSIZE  # tarfile pads the archive to a multiple of this on close
 MEMBER_EXTS = ("jpg", "txt", "json")
 SHARD_NAME = "shard-{:06d}.tar"
-SHARD_RE = re.compile(r"^shard-(\d{6})\.tar$")
 _KEY_SAFE = re.compile(r"[^A-Za-z0-9_-]")
 _HASHED_KEY = re.compile(r"-[0-9a-f]{12}$")
 _MAX_KEY = 80  # USTAR names are 100 bytes; leave room for ".json"
