@@ -126,8 +126,8 @@ class ImageSpec(_Model):
     max_pixels: int = Field(default=100_000_000, ge=1)
     # Worker processes for decode/resize/encode; 0 means one per CPU core.
     workers: int = Field(default=0, ge=0)
-    # Approximate mode (opt-in): JPEGs decode at the smallest DCT scale (1/8..8/8) that is still
-    # at least twice the resized size, then the same torch resize. Faster on large originals;
+    # Approximate mode (opt-in): JPEGs decode at a 1/2, 1/4 or 1/8 DCT scale that is still at
+    # least twice the resized size, then the same torch resize. Faster on large originals;
     # pixels differ slightly (PSNR in the README).
     dct_downscale: bool = False
 

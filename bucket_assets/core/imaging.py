@@ -168,12 +168,14 @@ def _decode_jpeg_fast(
     if w * h > max_pixels:
         raise ImageError("too_large", f"{w}x{h} exceeds max_pixels {max_pixels}")
     orientation = jpeg_orientation(data) if orientation is None else orientation
-    mw = mh = 0
-    if min_size is not None:  # DCT-domain downscale: decode at the smallest 1/8..8/8 scale >= min_size
+    factor = 1
+    if min_size is not None:
+        # DCT-domain downscale by 8, 4 or 2 (libjpeg-turbo's SIMD-accelerated scales; 3/4, 5/8...
+        # decode slower than a full decode), the largest that keeps at least min_size.
         mw, mh = (min_size[1], min_size[0]) if orientation in _ROTATED else min_size
-        if w * 7 < mw * 8 or h * 7 < mh * 8:
-            mw = mh = 0  # no scale below 8/8 fits: take the plain (faster) decode path
+        factor = next((f for f in (8, 4, 2) if -(-w // f) >= mw and -(-h // f) >= mh), 1)
     try:
+        mw, mh = (-(-w // factor), -(-h // factor)) if factor > 1 else (0, 0)
         rgb = simplejpeg.decode_jpeg(data, colorspace="RGB", strict=True, min_width=mw, min_height=mh)
     except ValueError as exc:
         raise ImageError("decode_error", str(exc)) from None
