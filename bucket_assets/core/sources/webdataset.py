@@ -91,7 +91,8 @@ def _scan_tar(path, source, exts, stats, max_chars) -> Iterator[RawRecord]:
             stats.add("truncated_tar")
     for key in order:
         parts = samples[key]
-        image_exts = [e for e in parts if e in exts]
+        # "a.key.jpg" is field "key.jpg" of key "a": an image by its last suffix, as webdataset decodes it.
+        image_exts = [e for e in parts if e.rsplit(".", 1)[-1] in exts]
         rec = RawRecord(image_id=key, source=source.name, location=path)
         if not image_exts:
             rec.issue = "missing_image"
