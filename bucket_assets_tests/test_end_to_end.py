@@ -176,6 +176,9 @@ def test_variants_build_and_verify(make_spec, variant, overrides):
                     assert parts["jpg"] == raw_jpegs[meta["image_id"]]
                     checked += 1
         assert checked > 0
+        exported = {json.loads(parts["json"])["image_id"] for shard in export.rglob("shard-*.tar")
+                    for _, parts in read_shard(shard)}
+        assert "000000007" in exported  # the CMYK JPEG passes through too
     if variant == "center":
         assert manifest["preprocessing"]["crop_strategy"] == "center"
     if variant == "dct":
