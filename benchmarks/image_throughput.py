@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import glob
 import io
-import json
 import math
 import os
 import shutil

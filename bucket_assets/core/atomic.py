@@ -9,15 +9,19 @@ import os
 import threading
 from contextlib import contextmanager
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import BinaryIO, Callable, Iterator
 
 TMP_PREFIX = ".tmp-"
 
 
 @contextmanager
-def atomic_writer(path: str | os.PathLike, durable: bool = True) -> Iterator[BinaryIO]:
+def atomic_writer(
+    path: str | os.PathLike, durable: bool = True, unchanged: Callable[[], bool] | None = None
+) -> Iterator[BinaryIO]:
     """durable=False skips the fsync: the rename is still atomic for readers and for a killed
-    process; only a power loss could leave an empty file, which callers must detect."""
+    process; only a power loss could leave an empty file, which callers must detect.
+    `unchanged()`, asked once everything is written, may say the file in place already holds
+    these bytes: then it is left untouched (same inode and mtime) and the temp file dropped."""
     path = Path(path)
     tmp = path.parent / f"{TMP_PREFIX}{path.name}.{os.getpid()}.{threading.get_ident()}"
     try:
@@ -29,9 +33,13 @@ def atomic_writer(path: str | os.PathLike, durable: bool = True) -> Iterator[Bin
         with os.fdopen(fd, "wb") as f:
             yield f
             f.flush()
-            if durable:
+            keep = unchanged is not None and unchanged()
+            if durable and not keep:
                 os.fsync(f.fileno())
-        os.replace(tmp, path)
+        if keep:
+            os.unlink(tmp)
+        else:
+            os.replace(tmp, path)
     except BaseException:
         try:
             os.unlink(tmp)

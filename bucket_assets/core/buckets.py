@@ -22,7 +22,6 @@ PROTO_BUCKETS: tuple[tuple[int, int], ...] = (
     (512, 2048),
 )
 PROTO_BASE = 1024
-CORNERS = {0: "TL", 1: "TR", 2: "BL", 3: "BR"}
 # Scales within this of 1.0 count as "no resize": float noise must not turn 1.0 into an upsample.
 SCALE_EPS = 1e-9
 
@@ -210,7 +209,7 @@ def _hex_int(expr: str, start: int, length: int) -> str:
 
 
 # `_images(image_id, width, height)` x `_bucket_intervals` -> one row per image and base.
-CHOICE_SQL = f"""
+CHOICE_SQL = """
 SELECT i.image_id, i.width AS src_w, i.height AS src_h, iv.base_resolution, iv.bucket_id,
        iv.target_w, iv.target_h,
        greatest(iv.target_w / i.width, iv.target_h / i.height) AS scale

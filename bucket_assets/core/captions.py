@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 REQUIRED_META = ("variant", "backend", "model", "created_at", "system_prompt_sha256", "user_prompt_sha256")
 _VARIANT_RE = re.compile(r"^[A-Za-z0-9_.:-]+$")
@@ -297,7 +296,7 @@ def select_captions(con, selectors: list[str], missing: str) -> None:
         """CREATE OR REPLACE TEMP VIEW wanted_images AS
            SELECT DISTINCT image_id FROM bucket_assignments WHERE status = 'ok'"""
     )
-    con.execute("CREATE OR REPLACE TABLE selected_captions AS " + WATERFALL_SQL, {"selectors": selectors, "missing": missing})
+    con.execute("CREATE OR REPLACE TABLE selected_captions AS " + select_captions_sql(), {"selectors": selectors, "missing": missing})
 
 
 def select_captions_sql() -> str:

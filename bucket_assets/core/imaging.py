@@ -97,6 +97,12 @@ def jpeg_grey_std(data: bytes) -> float:
     return float(grey.astype(np.float32).std())
 
 
+def jpeg_size(data: bytes) -> tuple[int, int]:
+    """(width, height) as stored, from the JPEG header."""
+    h, w = simplejpeg.decode_jpeg_header(data)[:2]
+    return w, h
+
+
 def _composite_on_white(img: Image.Image) -> Image.Image:
     rgba = img.convert("RGBA")
     white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))

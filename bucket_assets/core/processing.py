@@ -24,6 +24,7 @@ from bucket_assets.core.imaging import (
     grey_std,
     is_jpeg,
     jpeg_grey_std,
+    jpeg_size,
     resize_cover,
     subsampling_for,
 )
@@ -139,11 +140,7 @@ def _render(task: RenderTask, clock) -> dict:
         if p.blank_std is not None and std < p.blank_std:
             out.update(status="blank", error=f"luma std {std:.3f} < {p.blank_std}")
             return out
-        try:
-            w, h = _jpeg_size(data)
-        except Exception as exc:  # noqa: BLE001 - recorded per sample
-            out.update(status="decode_error", error=f"{type(exc).__name__}: {exc}")
-            return out
+        w, h = jpeg_size(data)  # the header already parsed in jpeg_grey_std
     else:
         try:
             min_size = (DCT_MARGIN * task.resized_w, DCT_MARGIN * task.resized_h) if p.dct_downscale else None
@@ -176,12 +173,3 @@ def _render(task: RenderTask, clock) -> dict:
     out.update(bytes=len(jpg), sha256=hashlib.sha256(jpg).hexdigest(), width=w, height=h)
     clock("write")
     return out
-
-
-def _jpeg_size(data: bytes) -> tuple[int, int]:
-    import io
-
-    from PIL import Image
-
-    with Image.open(io.BytesIO(data)) as im:
-        return im.size

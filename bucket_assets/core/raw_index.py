@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict
 
 import pyarrow as pa
 
@@ -97,30 +96,27 @@ def build_raw_index(spec: Spec, workers: int) -> tuple[pa.Table, ScanStats]:
     probed = iter(ordered_map(_probe_task, tasks, workers, chunksize=16))
     rows = []
     for row_id, rec in enumerate(records):
-        d = asdict(rec)
-        notes = d.pop("notes")
-        meta = d.pop("meta")
         row = {
             "row_id": row_id,
-            "image_id": d["image_id"],
-            "source": d["source"],
+            "image_id": rec.image_id,
+            "source": rec.source,
             "source_kind": kinds[rec.source],
-            "location": d["location"],
-            "member": d["member"],
-            "data_offset": d["offset"],
-            "byte_size": d["size"],
-            "caption": d["caption"],
-            "caption_field": d["caption_field"],
-            "url": d["url"],
-            "similarity": d["similarity"],
-            "nsfw": d["nsfw"],
-            "license": d["license"],
-            "orig_w": d["orig_w"],
-            "orig_h": d["orig_h"],
-            "source_meta": None if meta is None else json.dumps(meta, sort_keys=True, default=str, ensure_ascii=False),
-            "issue": d["issue"],
-            "issue_detail": d["issue_detail"],
-            "notes": ",".join(notes) or None,
+            "location": rec.location,
+            "member": rec.member,
+            "data_offset": rec.offset,
+            "byte_size": rec.size,
+            "caption": rec.caption,
+            "caption_field": rec.caption_field,
+            "url": rec.url,
+            "similarity": rec.similarity,
+            "nsfw": rec.nsfw,
+            "license": rec.license,
+            "orig_w": rec.orig_w,
+            "orig_h": rec.orig_h,
+            "source_meta": None if rec.meta is None else json.dumps(rec.meta, sort_keys=True, default=str, ensure_ascii=False),
+            "issue": rec.issue,
+            "issue_detail": rec.issue_detail,
+            "notes": ",".join(rec.notes) or None,
         }
         if rec.issue is None:
             row.update(next(probed))

@@ -8,12 +8,11 @@ import json
 import os
 import re
 import tarfile
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from bucket_assets.core.atomic import TMP_PREFIX
+from bucket_assets.core.atomic import TMP_PREFIX, atomic_writer
 
 BLOCK = 512
 RECORD = tarfile.RECORDSIZE  # tarfile pads the archive to a multiple of this on close
@@ -153,25 +152,16 @@ def write_shard(path: str | os.PathLike, samples: Iterable[Sample]) -> ShardFile
     mtime), so consumers that watch files see only real changes.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            sink = _HashingWriter(f)
-            count = _write_tar(sink, samples)
-            f.flush()
-            digest = sink.h.hexdigest()
-            if path.is_file() and path.stat().st_size == sink.n and file_sha256(path) == digest:
-                os.unlink(tmp)
-                return ShardFile(str(path), count, sink.n, digest, rewritten=False)
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return ShardFile(str(path), count, sink.n, digest, rewritten=True)
+    kept: list[bool] = []
+
+    def unchanged() -> bool:
+        kept.append(path.is_file() and path.stat().st_size == sink.n and file_sha256(path) == sink.h.hexdigest())
+        return kept[0]
+
+    with atomic_writer(path, unchanged=unchanged) as f:
+        sink = _HashingWriter(f)
+        count = _write_tar(sink, samples)
+    return ShardFile(str(path), count, sink.n, sink.h.hexdigest(), rewritten=not kept[0])
 
 
 def file_sha256(path: str | os.PathLike) -> str:
