@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -16,6 +17,9 @@ def _fail(msg: str, code: int = 2) -> int:
     return code
 
 
+DEFAULT_INSTANCE_YAML = "telemetry:\n  enabled: false\nrun_queue:\n  max_concurrent_runs: 2\n"
+
+
 def ensure_dagster_home() -> Path:
     """$DAGSTER_HOME, or ./.dagster_home seeded with the project's dagster.yaml."""
     home = os.environ.get("DAGSTER_HOME")
@@ -23,9 +27,14 @@ def ensure_dagster_home() -> Path:
         home = str(Path.cwd() / ".dagster_home")
         os.environ["DAGSTER_HOME"] = home
     p = Path(home)
+    created = not p.exists()
     p.mkdir(parents=True, exist_ok=True)
-    if not (p / "dagster.yaml").exists() and Path("dagster.yaml").is_file():
-        shutil.copy("dagster.yaml", p / "dagster.yaml")
+    if not (p / "dagster.yaml").exists():
+        if Path("dagster.yaml").is_file():
+            shutil.copy("dagster.yaml", p / "dagster.yaml")
+        elif created:
+            # A home we just made gets the project's instance settings (as in ./dagster.yaml).
+            (p / "dagster.yaml").write_text(DEFAULT_INSTANCE_YAML)
     return p
 
 
@@ -37,7 +46,8 @@ def _first_error(result) -> str:
                 cause = err
                 while getattr(cause, "cause", None) is not None:
                     cause = cause.cause
-                return f"{event.step_key or 'run'}: {cause.message.strip().splitlines()[0]}"
+                message = re.sub(r"^(?:[A-Za-z_]\w*\.)+(\w+: )", r"\1", cause.message.strip().splitlines()[0])
+                return f"{event.step_key or 'run'}: {message}"
             return event.message or "run failed"
     for event in result.all_events:
         if event.event_type_value == "ASSET_CHECK_EVALUATION":

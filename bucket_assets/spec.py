@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Annotated, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator
 
 DEFAULT_SPEC_PATH = "data/spec.yaml"
 SPEC_ENV_VAR = "BUCKET_ASSETS_SPEC"
@@ -48,14 +48,19 @@ class WebDatasetSource(_Model):
     _name = field_validator("name")(_check_name)
 
 
+# Column names are only ever looked up in the parquet schema (never put into SQL), but an
+# allow-list keeps quotes, control characters and odd lengths out of every message and query.
+ColumnName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_ .:/-]{0,127}$")]
+
+
 class ParquetColumns(_Model):
-    id: str = "id"
-    caption: str | None = "caption"
-    fallback_caption: str | None = None
-    width: str | None = None
-    height: str | None = None
-    url: str | None = None
-    license: str | None = None
+    id: ColumnName = "id"
+    caption: ColumnName | None = "caption"
+    fallback_caption: ColumnName | None = None
+    width: ColumnName | None = None
+    height: ColumnName | None = None
+    url: ColumnName | None = None
+    license: ColumnName | None = None
 
 
 class ParquetSource(_Model):
@@ -140,6 +145,13 @@ class Captions(_Model):
     missing: Literal["empty", "drop"] = "empty"
     max_chars: int = Field(default=20_000, ge=1)
 
+    @field_validator("selectors")
+    @classmethod
+    def _unique_selectors(cls, selectors: list[str]) -> list[str]:
+        if len(set(selectors)) != len(selectors):
+            raise ValueError("lists a variant twice")
+        return selectors
+
 
 class Metadata(_Model):
     # DuckDB working-memory cap for the metadata tables; bigger operations spill to work_dir.
@@ -165,16 +177,15 @@ class Spec(_Model):
 
     _name = field_validator("name")(_check_name)
 
-    @model_validator(mode="after")
-    def _unique_sources(self) -> "Spec":
+    @field_validator("sources")
+    @classmethod
+    def _unique_sources(cls, sources: list) -> list:
         seen: set[str] = set()
-        for s in self.sources:
+        for s in sources:
             if s.name in seen:
                 raise ValueError(f"two sources are named {s.name!r}")
             seen.add(s.name)
-        if len(set(self.captions.selectors)) != len(self.captions.selectors):
-            raise ValueError("captions.selectors lists a variant twice")
-        return self
+        return sources
 
     # Derived locations -----------------------------------------------------------
     @property
@@ -190,8 +201,19 @@ class Spec(_Model):
         return len(self.buckets.base_resolutions) > 1
 
     def fingerprint(self) -> str:
-        """sha256 of the canonical spec; part of the export id."""
-        return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
+        """sha256 of the settings that decide the export's content; part of the export id.
+
+        Where files live (output, work, source and landing paths) and how the build runs
+        (worker count, DuckDB memory) are left out: the same inputs and settings give the same
+        manifest wherever and however they are built. Input content is covered by the shards'
+        sha256s and the caption sources listed in the manifest."""
+        d = self.model_dump(mode="json", exclude={"output_dir", "work_dir", "metadata"})
+        d["image"].pop("workers", None)
+        d["captions"].pop("landing_dir", None)
+        for s in d["sources"]:
+            for k in ("path", "paths", "image_dir"):
+                s.pop(k, None)
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
 
 
 def _loc(loc: tuple) -> str:
@@ -214,7 +236,7 @@ def parse_spec(data: object, base_dir: Path | None = None) -> Spec:
         spec = Spec.model_validate(data)
     except ValidationError as exc:
         err = exc.errors()[0]
-        msg = err["msg"]
+        msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msg = "unknown key"
         elif err["type"] == "missing":
@@ -254,6 +276,8 @@ def load_spec(path: str | os.PathLike | None = None) -> Spec:
         raise SpecError(f"spec error: spec file {path} does not exist")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise SpecError(f"spec error: {path} is not UTF-8 text (byte {exc.start})") from None
     except yaml.YAMLError as exc:
         raise SpecError(f"spec error: {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
     return parse_spec(data)

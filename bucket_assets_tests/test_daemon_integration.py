@@ -31,6 +31,22 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _listening_addresses(port: int) -> set[str]:
+    """Local addresses (hex, as in /proc/net/tcp*) with a socket listening on `port`."""
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            addr, port_hex = fields[1].rsplit(":", 1)
+            if fields[3] == "0A" and int(port_hex, 16) == port:  # 0A: LISTEN
+                found.add(addr)
+    return found
+
+
 def _wait(pred, timeout: float, what: str, proc=None):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -89,6 +105,10 @@ def test_dagster_dev_reshards_one_bucket_when_a_caption_source_lands(make_spec, 
                 return False
 
         _wait(up, 120, "the webserver", proc)
+        # The README's command binds the webserver to loopback only.
+        assert "dagster dev -h 127.0.0.1" in (Path(__file__).resolve().parents[1] / "README.md").read_text()
+        if Path("/proc/net/tcp").exists():
+            assert _listening_addresses(port) == {"0100007F"}, _listening_addresses(port)
         ids = sorted(by_bucket[target])
         pq.write_table(pa.table({"image_id": ids, "caption": [f"A new caption for {i}." for i in ids]}),
                        landing / "gemini_v2.parquet")

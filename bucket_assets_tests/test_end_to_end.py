@@ -201,12 +201,22 @@ def test_one_partition_rewrites_only_its_bucket(make_spec, tmp_path):
     import subprocess
     import sys
 
+    dagster = os.path.join(os.path.dirname(sys.executable), "dagster")
     res = subprocess.run(
-        [os.path.join(os.path.dirname(sys.executable), "dagster"), "asset", "materialize", "-m",
-         "bucket_assets.definitions", "--select", "bucket_shards", "--partition", target],
+        [dagster, "asset", "materialize", "-m", "bucket_assets.definitions", "--select", "bucket_shards",
+         "--partition", target],
         capture_output=True, text=True, env={**os.environ, **env}, timeout=300,
     )
     assert res.returncode == 0, res.stderr[-3000:]
+    # Staged, not yet published: the export still shows what it showed.
+    assert not list((export / "buckets" / target).glob("*.tar"))
+    assert sorted(p.name for p in (export / ".staging" / "buckets" / target).iterdir())
+    res = subprocess.run(
+        [dagster, "asset", "materialize", "-m", "bucket_assets.definitions", "--select", "export_manifest"],
+        capture_output=True, text=True, env={**os.environ, **env}, timeout=300,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert not (export / ".staging").exists()
     after = {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in export.rglob("shard-*.tar")}
     assert set(after) == set(before)
     for p, stat in after.items():

@@ -271,3 +271,63 @@ def test_check_paths_output_and_work_nested(tmp_path):
     data["work_dir"] = "out/work"
     with pytest.raises(SpecError, match="must not contain each other"):
         check_paths(parse_spec(data, tmp_path))
+
+
+def test_fingerprint_ignores_locations_and_worker_count(tmp_path):
+    """The manifest's spec_sha256 / export_id depend on what decides the bytes, not on where the
+    export is written or how many processes build it."""
+    a = parse_spec(_minimal(), tmp_path)
+    moved = _minimal("elsewhere/images")
+    moved.update(output_dir="o2", work_dir="w2", image={"workers": 7}, metadata={"memory_limit": "1GB"},
+                 captions={"landing_dir": "other"})
+    assert parse_spec(moved, tmp_path / "sub").fingerprint() == a.fingerprint()
+    q = _minimal()
+    q["image"] = {"jpeg": {"quality": 90}}
+    assert parse_spec(q, tmp_path).fingerprint() != a.fingerprint()
+
+
+@pytest.mark.parametrize("column", ['id"; DROP TABLE raw_index; --', "a\nb", "", "x" * 200, "'quoted'"])
+def test_column_names_are_allow_listed(tmp_path, column):
+    data = _minimal()
+    data["sources"] = [{"name": "p", "kind": "parquet", "path": "m.parquet", "image_dir": "i",
+                        "columns": {"caption": column}}]
+    assert _error(data, tmp_path).startswith("spec error at sources[0].columns.caption:")
+
+
+def _cli_cases(root: Path) -> list[tuple[str, dict, str]]:
+    (root / "images").mkdir(exist_ok=True)
+    base = _minimal(str(root / "images"))
+    base.update(output_dir=str(root / "out"), work_dir=str(root / "work"))
+
+    def variant(**changes) -> dict:
+        d = copy.deepcopy(base)
+        for k, v in changes.items():
+            d[k] = v
+        return d
+
+    twice = copy.deepcopy(base["sources"][0])
+    return [
+        ("unknown key", variant(filters={"min_simlarity": 0.3}), "spec error at filters.min_simlarity:"),
+        ("wrong type", variant(image={"jpeg": {"quality": "high"}}), "spec error at image.jpeg.quality:"),
+        ("missing path", variant(sources=[{"name": "pics", "kind": "folder", "path": str(root / "nowhere")}]),
+         "spec error at sources[0].path:"),
+        ("output inside a source", variant(output_dir=str(root / "images" / "export")), "spec error at output_dir:"),
+        ("two sources with one name", variant(sources=[twice, twice]), "spec error at sources:"),
+    ]
+
+
+@pytest.mark.parametrize("case", ["unknown key", "wrong type", "missing path", "output inside a source",
+                                  "two sources with one name"])
+def test_bad_spec_is_one_line_error_before_any_work(tmp_path, case):
+    from bucket_assets_tests.conftest import run_cli
+
+    cases = {name: (data, needle) for name, data, needle in _cli_cases(tmp_path)}
+    data, needle = cases[case]
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump(data))
+    res = run_cli("build", "--spec", str(spec), env={"DAGSTER_HOME": str(tmp_path / "home")})
+    assert res.returncode == 2
+    err = res.stderr.strip()
+    assert err.count("\n") == 0 and err.startswith("bucket-assets: " + needle), err
+    # before any work: nothing created
+    assert not (tmp_path / "out").exists() and not (tmp_path / "work").exists() and not (tmp_path / "home").exists()

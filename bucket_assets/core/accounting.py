@@ -59,7 +59,25 @@ def summary(con: duckdb.DuckDBPyConnection, scan_skips: dict[str, int]) -> dict:
     for reason in sorted(counts, key=lambda r: (r in SEED_NAMES, r)):
         out[SEED_NAMES.get(reason, f"skipped_{reason}")] = counts[reason]
     out["tar_members_skipped"] = dict(sorted(scan_skips.items()))
+    out["flags"] = flag_counts(con)
     return out
+
+
+FLAGS_SQL = """
+SELECT flag, count(*) FROM (
+    SELECT unnest(string_split(notes, ',')) AS flag FROM raw_index WHERE notes IS NOT NULL
+    UNION ALL
+    SELECT unnest(string_split(c.flags, ',')) FROM captions c JOIN caption_sources s USING (source_id)
+    WHERE s.kind = 'landing' AND c.flags IS NOT NULL
+) WHERE flag <> '' GROUP BY flag ORDER BY flag
+"""
+
+
+def flag_counts(con: duckdb.DuckDBPyConnection) -> dict[str, int]:
+    """Non-fatal repairs, per flag: records whose caption or metadata was repaired or ignored
+    (caption_not_utf8, caption_nul_removed, caption_truncated, invalid_similarity, ...) plus
+    landing captions so repaired. The record itself is still counted under its outcome."""
+    return {k: int(v) for k, v in con.execute(FLAGS_SQL).fetchall()}
 
 
 def check_balance(s: dict) -> bool:

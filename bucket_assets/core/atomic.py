@@ -11,17 +11,21 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterator
 
+from bucket_assets.core.failpoints import failpoint
+
 TMP_PREFIX = ".tmp-"
 
 
 @contextmanager
 def atomic_writer(
-    path: str | os.PathLike, durable: bool = True, unchanged: Callable[[], bool] | None = None
+    path: str | os.PathLike, durable: bool = True, unchanged: Callable[[], bool] | None = None,
+    before_replace: Callable[[], None] | None = None,
 ) -> Iterator[BinaryIO]:
     """durable=False skips the fsync: the rename is still atomic for readers and for a killed
     process; only a power loss could leave an empty file, which callers must detect.
     `unchanged()`, asked once everything is written, may say the file in place already holds
-    these bytes: then it is left untouched (same inode and mtime) and the temp file dropped."""
+    these bytes: then it is left untouched (same inode and mtime) and the temp file dropped.
+    `before_replace()` runs once the temp file is complete and synced, just before the rename."""
     path = Path(path)
     tmp = path.parent / f"{TMP_PREFIX}{path.name}.{os.getpid()}.{threading.get_ident()}"
     try:
@@ -33,12 +37,15 @@ def atomic_writer(
         with os.fdopen(fd, "wb") as f:
             yield f
             f.flush()
+            failpoint("write", path.name)
             keep = unchanged is not None and unchanged()
             if durable and not keep:
                 os.fsync(f.fileno())
         if keep:
             os.unlink(tmp)
         else:
+            if before_replace is not None:
+                before_replace()
             os.replace(tmp, path)
     except BaseException:
         try:
@@ -50,20 +57,23 @@ def atomic_writer(
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes, durable: bool = True) -> None:
     with atomic_writer(path, durable) as f:
-        f.write(data)
+        half = len(data) // 2
+        f.write(data[:half])
+        failpoint("write_half", Path(path).name)  # crash tests: die with half a file written
+        f.write(data[half:])
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def remove_stale_temps(directory: str | os.PathLike) -> int:
+def remove_stale_temps(directory: str | os.PathLike, recursive: bool = True) -> int:
     """Delete temp files a killed run left behind; returns how many."""
     n = 0
     d = Path(directory)
     if not d.is_dir():
         return 0
-    for p in d.rglob(f"{TMP_PREFIX}*"):
+    for p in (d.rglob if recursive else d.glob)(f"{TMP_PREFIX}*"):
         if p.is_file():
             p.unlink()
             n += 1

@@ -20,6 +20,11 @@ REQUIRED_META = ("variant", "backend", "model", "created_at", "system_prompt_sha
 _VARIANT_RE = re.compile(r"^[A-Za-z0-9_.:-]+$")
 
 
+# Whitespace trimmed from captions: every character Python's str.isspace() accepts, so the
+# Python path (source captions) and the SQL path (landing captions) trim exactly alike.
+_WS = "".join(c for c in map(chr, range(0x3001)) if c.isspace())
+
+
 class CaptionSourceError(ValueError):
     """A landing caption source that cannot be used; the message says why."""
 
@@ -40,9 +45,9 @@ def clean_caption(raw: bytes | str | None, max_chars: int) -> tuple[str | None, 
     if "\x00" in text:
         text = text.replace("\x00", "")
         flags.append("caption_nul_removed")
-    text = text.strip()
+    text = text.strip(_WS)
     if len(text) > max_chars:
-        text = text[:max_chars].rstrip()
+        text = text[:max_chars].rstrip(_WS)
         flags.append("caption_truncated")
     return text, flags
 
@@ -124,9 +129,6 @@ def read_landing_meta(name: str, parquet: Path, meta_path: Path) -> LandingSourc
         parquet_path=str(parquet),
         fingerprint=landing_fingerprint(parquet, meta_path),
     )
-
-
-_WS = " \t\n\r\x0b\x0c"
 
 
 def landing_captions_sql(con, src: LandingSource) -> str:

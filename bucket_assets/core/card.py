@@ -64,6 +64,11 @@ def render_card(m: dict) -> str:
         summary_lines += "\n- source members skipped (not samples): " + ", ".join(
             f"{k} {_n(v)}" for k, v in tar_skips.items()
         )
+    flags = summary.get("flags") or {}
+    if flags:
+        summary_lines += "\n- repaired or ignored values (records kept): " + ", ".join(
+            f"{k} {_n(v)}" for k, v in flags.items()
+        )
     dct_note = (
         "\n- Approximate mode (`dct_downscale=true`): JPEG sources were decoded at a reduced DCT scale "
         "(never below twice the resized size) before the resize"

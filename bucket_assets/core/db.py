@@ -17,6 +17,8 @@ from typing import Iterator
 import duckdb
 import pyarrow as pa
 
+from bucket_assets.core.failpoints import failpoint
+
 
 @contextmanager
 def connect(db_path: str | os.PathLike, memory_limit: str = "3GB") -> Iterator[duckdb.DuckDBPyConnection]:
@@ -40,12 +42,35 @@ def connect(db_path: str | os.PathLike, memory_limit: str = "3GB") -> Iterator[d
             fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
 
 
+_in_transaction: set[int] = set()
+
+
+@contextmanager
+def transaction(con: duckdb.DuckDBPyConnection, name: str) -> Iterator[duckdb.DuckDBPyConnection]:
+    """All writes inside commit together or not at all (a killed run leaves the previous
+    tables). Nested use joins the outer transaction."""
+    if id(con) in _in_transaction:
+        yield con
+        failpoint("db_commit", name)
+        return
+    con.execute("BEGIN TRANSACTION")
+    _in_transaction.add(id(con))
+    try:
+        yield con
+        failpoint("db_commit", name)
+        con.execute("COMMIT")
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise
+    finally:
+        _in_transaction.discard(id(con))
+
+
 def replace_table(con: duckdb.DuckDBPyConnection, name: str, table: pa.Table) -> None:
     """CREATE OR REPLACE `name` from an Arrow table. `name` is a constant of our code, never input."""
-    con.register("_incoming", table)
-    try:
+    with transaction(con, name):
+        con.register("_incoming", table)
         con.execute(f'CREATE OR REPLACE TABLE "{name}" AS SELECT * FROM _incoming')
-    finally:
         con.unregister("_incoming")
 
 
@@ -59,15 +84,10 @@ def replace_partitions(
     con: duckdb.DuckDBPyConnection, name: str, table: pa.Table, bucket_ids: list[str]
 ) -> None:
     """Replace the rows of `bucket_ids` in a bucket-partitioned table, in one transaction."""
-    con.execute("BEGIN TRANSACTION")
-    try:
+    with transaction(con, name):
         con.register("_incoming", table)
         if not table_exists(con, name):
             con.execute(f'CREATE TABLE "{name}" AS SELECT * FROM _incoming LIMIT 0')
         con.execute(f'DELETE FROM "{name}" WHERE list_contains(?, bucket_id)', [bucket_ids])
         con.execute(f'INSERT INTO "{name}" SELECT * FROM _incoming')
         con.unregister("_incoming")
-        con.execute("COMMIT")
-    except BaseException:
-        con.execute("ROLLBACK")
-        raise

@@ -4,6 +4,10 @@ Store layout: `<work_dir>/processed/<bucket_id>/<key>.jpg`. Each stored file has
 (source bytes, plan, image parameters, code version) recorded in the metadata DB; a rebuild
 re-renders only samples whose fingerprint changed or whose file is gone, and re-sharding after
 a caption change reads these bytes without decoding or encoding anything.
+
+While a partition renders, each finished sample's row is also appended to the bucket's journal
+(`<bucket_id>/.journal.jsonl`), so a run killed half way resumes from what is already stored
+instead of rendering the whole bucket again. The journal is dropped once the rows are in the DB.
 """
 
 from __future__ import annotations
@@ -79,8 +83,56 @@ class RenderTask:
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
 
 
+JOURNAL_NAME = ".journal.jsonl"
+
+
 def store_path(processed_dir: str | os.PathLike, bucket_id: str, key: str) -> str:
     return str(Path(processed_dir) / bucket_id / f"{key}.jpg")
+
+
+def journal_path(processed_dir: str | os.PathLike, bucket_id: str) -> Path:
+    return Path(processed_dir) / bucket_id / JOURNAL_NAME
+
+
+def read_journal(path: str | os.PathLike) -> dict[str, dict]:
+    """key -> latest result row journaled for it. A line torn by a kill is ignored."""
+    rows: dict[str, dict] = {}
+    try:
+        f = open(path, encoding="utf-8")
+    except FileNotFoundError:
+        return rows
+    with f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(row, dict) and isinstance(row.get("key"), str):
+                rows[row["key"]] = row
+    return rows
+
+
+class Journal:
+    """Appends result rows to per-bucket journals. Not fsynced: it guards against a killed
+    process (the kernel keeps what was written), and a reused row is checked against its file."""
+
+    def __init__(self, processed_dir: str | os.PathLike):
+        self.dir = Path(processed_dir)
+        self.files: dict[str, object] = {}
+
+    def append(self, row: dict) -> None:
+        f = self.files.get(row["bucket_id"])
+        if f is None:
+            p = journal_path(self.dir, row["bucket_id"])
+            p.parent.mkdir(parents=True, exist_ok=True)
+            f = self.files[row["bucket_id"]] = open(p, "a", encoding="utf-8")
+        f.write(json.dumps(row, sort_keys=True) + "\n")
+        f.flush()
+
+    def close(self) -> None:
+        for f in self.files.values():
+            f.close()
+        self.files.clear()
 
 
 def render(task: RenderTask) -> dict:

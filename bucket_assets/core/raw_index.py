@@ -7,6 +7,7 @@ import json
 
 import pyarrow as pa
 
+from bucket_assets.core.failpoints import failpoint
 from bucket_assets.core.imaging import ImageError, probe
 from bucket_assets.core.parallel import ordered_map
 from bucket_assets.core.sources import RawRecord, ScanStats, read_bytes, scan_source
@@ -82,6 +83,7 @@ def scan_all(spec: Spec) -> tuple[list[RawRecord], ScanStats]:
                 )
             owner[rec.image_id] = rec.source
             records.append(rec)
+            failpoint("scan")
     return records, stats
 
 

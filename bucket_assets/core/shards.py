@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from bucket_assets.core.atomic import TMP_PREFIX, atomic_writer
+from bucket_assets.core.failpoints import failpoint
 
 BLOCK = 512
 RECORD = tarfile.RECORDSIZE  # tarfile pads the archive to a multiple of this on close
@@ -142,20 +143,23 @@ def _write_tar(sink, samples: Iterable[Sample]) -> int:
             for ext, data in (("jpg", s.jpg), ("txt", s.txt), ("json", s.json)):
                 tf.addfile(_tarinfo(f"{s.key}.{ext}", len(data)), io.BytesIO(data))
             count += 1
+            failpoint("shard_sample")  # crash tests: die mid-shard
     return count
 
 
-def write_shard(path: str | os.PathLike, samples: Iterable[Sample]) -> ShardFile:
+def write_shard(path: str | os.PathLike, samples: Iterable[Sample], same_as: str | os.PathLike | None = None) -> ShardFile:
     """Write one USTAR shard atomically: fixed headers (mtime 0, uid/gid 0, mode 644).
 
-    If a file with the same bytes is already at `path`, it is kept as it is (same inode and
-    mtime), so consumers that watch files see only real changes.
+    If the file at `same_as` (default: `path`) already holds the same bytes, nothing is written
+    and `rewritten` is False: an unchanged file keeps its inode and mtime, so consumers that
+    watch files see only real changes.
     """
     path = Path(path)
+    same = Path(same_as) if same_as is not None else path
     kept: list[bool] = []
 
     def unchanged() -> bool:
-        kept.append(path.is_file() and path.stat().st_size == sink.n and file_sha256(path) == sink.h.hexdigest())
+        kept.append(same.is_file() and same.stat().st_size == sink.n and file_sha256(same) == sink.h.hexdigest())
         return kept[0]
 
     with atomic_writer(path, unchanged=unchanged) as f:

@@ -57,22 +57,35 @@ def scan_source(source: Source, stats: ScanStats, max_caption_chars: int) -> Ite
         raise TypeError(f"unknown source kind {source!r}")
 
 
+_COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00")
+
+
 def read_bytes(location: str, member: str | None, offset: int | None, size: int | None) -> bytes:
     """The image bytes of a record: a plain file, a seek into an uncompressed tar, or a tar member."""
     if member is None:
         with open(location, "rb") as f:
             return f.read()
-    if offset is not None and size is not None:
-        with open(location, "rb") as f:
+    with open(location, "rb") as f:
+        compressed = f.read(6).startswith(_COMPRESSED_MAGIC)
+        if offset is not None and size is not None and not compressed:
             f.seek(offset)
             data = f.read(size)
-        if len(data) != size:
-            raise OSError(f"{location}: member {member} is truncated ({len(data)} of {size} bytes)")
-        return data
+            if len(data) != size:
+                raise OSError(f"{location}: member {member} is truncated ({len(data)} of {size} bytes)")
+            return data
     import tarfile
 
-    with tarfile.open(location, "r:*") as tf:
-        fobj = tf.extractfile(member)
-        if fobj is None:
-            raise OSError(f"{location}: member {member} is not a regular file")
-        return fobj.read()
+    # A compressed tar is read through: the member is found by name and by its offset in the
+    # decompressed stream, since a name can repeat (the scan keeps the first).
+    try:
+        with tarfile.open(location, "r:*") as tf:
+            for m in tf:
+                if m.name == member and (offset is None or m.offset_data == offset):
+                    if not m.isfile():
+                        raise OSError(f"{location}: member {member} is not a regular file")
+                    return tf.extractfile(m).read()
+    except OSError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - tarfile, gzip, bz2 and lzma each raise their own errors
+        raise OSError(f"{location}: cannot read member {member}: {type(exc).__name__}: {exc}") from None
+    raise OSError(f"{location}: member {member} not found")

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import glob
 import json
+import lzma
 import posixpath
 import tarfile
+import zlib
 from typing import Iterator
 
 from bucket_assets.core.captions import as_float, clean_caption
@@ -13,6 +15,8 @@ from bucket_assets.core.sources import RawRecord, ScanStats
 from bucket_assets.spec import WebDatasetSource
 
 _MAX_SIDECAR = 4 << 20  # a .txt/.json larger than this is not metadata
+# What reading a damaged (possibly compressed) tar can raise: a cut gzip stream is an EOFError.
+_TAR_ERRORS = (tarfile.TarError, OSError, EOFError, zlib.error, lzma.LZMAError)
 
 
 def _split_key(name: str) -> tuple[str, str]:
@@ -58,13 +62,10 @@ def _scan_tar(path, source, exts, stats, max_chars) -> Iterator[RawRecord]:
     sidecars: dict[tuple[str, str], bytes] = {}
     try:
         tf = tarfile.open(path, "r:*")
-    except (tarfile.TarError, OSError) as exc:
+    except _TAR_ERRORS as exc:
         stats.add("unreadable_tar")
-        raise OSError(f"source {source.name}: cannot open tar {path}: {exc}") from None
-    with open(path, "rb") as f:
-        head = f.read(6)
-    # Offsets index the decompressed stream of a compressed tar, so those are read via tarfile.
-    compressed = head[:2] == b"\x1f\x8b" or head[:3] == b"BZh" or head[:6] == b"\xfd7zXZ\x00"
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise OSError(f"source {source.name}: cannot open tar {path}: {first}") from None
     with tf:
         try:
             for m in tf:
@@ -87,7 +88,7 @@ def _scan_tar(path, source, exts, stats, max_chars) -> Iterator[RawRecord]:
                 if ext in ("txt", "json") and m.size <= _MAX_SIDECAR:
                     f = tf.extractfile(m)
                     sidecars[(key, ext)] = f.read() if f else b""
-        except (tarfile.TarError, OSError, EOFError):
+        except _TAR_ERRORS:
             stats.add("truncated_tar")
     for key in order:
         parts = samples[key]
@@ -101,7 +102,7 @@ def _scan_tar(path, source, exts, stats, max_chars) -> Iterator[RawRecord]:
             m = parts[sorted(image_exts)[0]]
             rec.member = m.name
             rec.size = m.size
-            rec.offset = None if compressed else m.offset_data
+            rec.offset = m.offset_data  # in the decompressed stream for a compressed tar
         txt = sidecars.get((key, "txt"))
         if txt is not None:
             rec.caption, flags = clean_caption(txt, max_chars)

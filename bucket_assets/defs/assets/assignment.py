@@ -4,6 +4,7 @@
 import dagster as dg
 
 from bucket_assets.core.buckets import assign_sql, bucket_table
+from bucket_assets.core.db import transaction
 from bucket_assets.defs.assets.ingest import filtered_images
 from bucket_assets.defs.metadata import md_counts
 from bucket_assets.defs.resources import DatasetResource
@@ -15,16 +16,17 @@ def bucket_assignments(dataset: DatasetResource) -> dg.MaterializeResult:
     spec = dataset.load()
     crop = spec.image.crop
     with dataset.db() as con:
-        assign_sql(
-            con,
-            """SELECT r.image_id, r.width, r.height FROM raw_index r
-               JOIN filtered_images f USING (row_id) WHERE f.decision = 'keep'""",
-            bucket_table(spec.buckets.base_resolutions, spec.buckets.divisible),
-            "bucket_assignments",
-            crop.strategy,
-            list(crop.allowed_corners),
-            crop.jitter,
-        )
+        with transaction(con, "bucket_assignments"):
+            assign_sql(
+                con,
+                """SELECT r.image_id, r.width, r.height FROM raw_index r
+                   JOIN filtered_images f USING (row_id) WHERE f.decision = 'keep'""",
+                bucket_table(spec.buckets.base_resolutions, spec.buckets.divisible),
+                "bucket_assignments",
+                crop.strategy,
+                list(crop.allowed_corners),
+                crop.jitter,
+            )
         rows = con.execute("SELECT count(*) FROM bucket_assignments").fetchone()[0]
         counts = con.execute(
             """SELECT bucket_id, count(*) FROM bucket_assignments WHERE status = 'ok'

@@ -11,7 +11,7 @@ from bucket_assets.core.captions import (
     load_landing_source,
     select_captions,
 )
-from bucket_assets.core.db import replace_table
+from bucket_assets.core.db import replace_table, transaction
 from bucket_assets.defs.assets.assignment import bucket_assignments
 from bucket_assets.defs.assets.ingest import raw_index
 from bucket_assets.defs.metadata import md_counts
@@ -38,13 +38,14 @@ def caption_table(context: dg.AssetExecutionContext, dataset: DatasetResource) -
                 rejected.append((name, str(exc)))
                 context.log.error(f"rejected caption source: {exc}")
         inputs = [(s.name, s.kind, s.caption_variant) for s in spec.sources]
-        rows, unknown = build_caption_table(con, inputs, landing, spec.captions.max_chars)
-        replace_table(
-            con,
-            "rejected_caption_sources",
-            pa.table({"name": [n for n, _ in rejected], "reason": [r for _, r in rejected]},
-                     schema=pa.schema([("name", pa.string()), ("reason", pa.string())])),
-        )
+        with transaction(con, "captions"):
+            rows, unknown = build_caption_table(con, inputs, landing, spec.captions.max_chars)
+            replace_table(
+                con,
+                "rejected_caption_sources",
+                pa.table({"name": [n for n, _ in rejected], "reason": [r for _, r in rejected]},
+                         schema=pa.schema([("name", pa.string()), ("reason", pa.string())])),
+            )
         per_variant = con.execute(
             "SELECT variant, count(*) FROM captions WHERE status = 'ok' GROUP BY variant ORDER BY variant"
         ).fetchall()
@@ -72,7 +73,8 @@ def selected_captions(dataset: DatasetResource) -> dg.MaterializeResult:
     caption; newest source within a selector; `missing` decides empty caption or drop."""
     spec = dataset.load()
     with dataset.db() as con:
-        select_captions(con, list(spec.captions.selectors), spec.captions.missing)
+        with transaction(con, "selected_captions"):
+            select_captions(con, list(spec.captions.selectors), spec.captions.missing)
         by_selector = con.execute(
             """SELECT coalesce(caption_variant, '(' || status || ')'), count(*) FROM selected_captions
                GROUP BY ALL ORDER BY count(*) DESC"""

@@ -14,6 +14,7 @@ from bucket_assets.core.buckets import bucket_table
 from bucket_assets.core.card import render_card
 from bucket_assets.core.db import replace_partitions, table_exists
 from bucket_assets.core.manifest import MANIFEST_NAME, build_manifest, dumps, same_content
+from bucket_assets.core.publish import publish, stage_shard, staging_dir
 from bucket_assets.core.shards import (
     SHARD_NAME,
     Sample,
@@ -23,7 +24,6 @@ from bucket_assets.core.shards import (
     read_sample_plan,
     sample_tar_bytes,
     write_sample_plan,
-    write_shard,
 )
 from bucket_assets.defs.assets.captions import caption_table, selected_captions
 from bucket_assets.defs.resources import DatasetResource
@@ -62,22 +62,21 @@ def _meta(row: dict, bucket_id: str) -> bytes:
 
 
 def write_bucket(out_dir: Path, bucket_id: str, rows: list[dict], max_samples: int, max_bytes: int):
-    """Write one bucket's shards; files already holding the same bytes are left untouched.
-    Returns (shard rows, sample rows, files rewritten). JPEG bytes are read from the store as
-    each shard is written, so memory stays at one shard's worth of metadata."""
-    bdir = out_dir / "buckets" / bucket_id
-    remove_stale_temps(bdir)
+    """Stage one bucket's shards (core.publish); shards whose published file already holds the
+    same bytes are not written. Returns (shard rows, sample rows, files staged). JPEG bytes are
+    read from the store as each shard is written, so memory stays at one shard's metadata."""
+    remove_stale_temps(staging_dir(out_dir) / "buckets" / bucket_id)
     prepared = [(r, caption_txt(r["text"]), _meta(r, bucket_id)) for r in rows]
     sizes = [sample_tar_bytes(int(r["jpg_bytes"]), len(txt), len(meta)) for r, txt, meta in prepared]
     runs = plan_shards(sizes, max_samples, max_bytes)
     shard_rows, sample_rows, rewritten = [], [], 0
     for idx, (start, end) in enumerate(runs):
-        path = bdir / SHARD_NAME.format(idx)
+        rel = f"buckets/{bucket_id}/{SHARD_NAME.format(idx)}"
         chunk = prepared[start:end]
-        shard = write_shard(path, (Sample(r["key"], Path(r["path"]).read_bytes(), txt, meta) for r, txt, meta in chunk))
+        shard = stage_shard(out_dir, rel, (Sample(r["key"], Path(r["path"]).read_bytes(), txt, meta) for r, txt, meta in chunk))
         rewritten += shard.rewritten
         shard_rows.append(
-            {"bucket_id": bucket_id, "shard_index": idx, "path": f"buckets/{bucket_id}/{path.name}",
+            {"bucket_id": bucket_id, "shard_index": idx, "path": rel,
              "samples": shard.samples, "bytes": shard.bytes, "sha256": shard.sha256}
         )
         sample_rows += [
@@ -86,13 +85,6 @@ def write_bucket(out_dir: Path, bucket_id: str, rows: list[dict], max_samples: i
              "caption_source_id": r["caption_source_id"]}
             for r, _, _ in chunk
         ]
-    keep = {bdir / SHARD_NAME.format(i) for i in range(len(runs))}
-    if bdir.is_dir():
-        for p in bdir.iterdir():
-            if p not in keep:
-                p.unlink()
-        if not runs:
-            bdir.rmdir()
     return shard_rows, sample_rows, rewritten
 
 
@@ -108,7 +100,8 @@ def bucket_shards_asset(partitions: dg.PartitionsDefinition, processed_images: d
     def bucket_shards(context: dg.AssetExecutionContext, dataset: DatasetResource) -> dg.MaterializeResult:
         """`buckets/<bucket_id>/shard-NNNNNN.tar`: uncompressed USTAR, <key>.jpg/.txt/.json per
         sample, sorted by key, split by shards.max_samples / max_bytes. Reads stored JPEG bytes:
-        no image is decoded or encoded here."""
+        no image is decoded or encoded here. Changed shards are staged; `export_manifest`
+        publishes them together with the manifest that lists them."""
         spec = dataset.load()
         out_dir = Path(spec.output_dir)
         all_shards, all_samples, rewritten = [], [], 0
@@ -132,7 +125,7 @@ def bucket_shards_asset(partitions: dg.PartitionsDefinition, processed_images: d
         with dataset.db() as con:
             replace_partitions(con, "shard_files", pa.Table.from_pylist(all_shards, schema=SHARD_FILES_SCHEMA), keys)
             replace_partitions(con, "shard_samples", pa.Table.from_pylist(all_samples, schema=SHARD_SAMPLES_SCHEMA), keys)
-        context.log.info(f"{len(all_shards)} shard(s), {len(all_samples)} samples; {rewritten} file(s) rewritten")
+        context.log.info(f"{len(all_shards)} shard(s), {len(all_samples)} samples; {rewritten} file(s) staged")
         return dg.MaterializeResult(
             metadata={"shards": len(all_shards), "samples": len(all_samples), "files_rewritten": rewritten}
         )
@@ -184,12 +177,16 @@ def export_manifest_asset(bucket_shards: dg.AssetsDefinition) -> dg.AssetsDefini
             created=datetime.now(timezone.utc).isoformat(),
         )
         path = Path(spec.output_dir) / MANIFEST_NAME
+        remove_stale_temps(path.parent, recursive=False)  # a killed run's manifest or card temp
         old = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+        listed = [(rel, sha) for _bucket, rel, _n, _bytes, sha in shard_rows]
         if old is not None and same_content(old, manifest):
             manifest = old  # nothing changed: keep the file (and its `created`) as it is
+            moved = publish(spec.output_dir, listed, MANIFEST_NAME, None)
             context.log.info("manifest unchanged")
         else:
-            atomic_write_text(path, dumps(manifest))
+            moved = publish(spec.output_dir, listed, MANIFEST_NAME, dumps(manifest))
+        context.log.info(f"published: {moved} new shard file(s) moved into place")
         return dg.MaterializeResult(
             metadata={
                 "path": dg.MetadataValue.path(str(path)),

@@ -10,7 +10,16 @@ import pyarrow as pa
 from bucket_assets.core.atomic import remove_stale_temps
 from bucket_assets.core.db import replace_partitions, table_exists
 from bucket_assets.core.parallel import ordered_map, resolve_workers
-from bucket_assets.core.processing import RenderParams, RenderTask, render, store_path
+from bucket_assets.core.failpoints import failpoint
+from bucket_assets.core.processing import (
+    Journal,
+    RenderParams,
+    RenderTask,
+    journal_path,
+    read_journal,
+    render,
+    store_path,
+)
 from bucket_assets.defs.assets.assignment import bucket_assignments
 from bucket_assets.defs.metadata import md_counts
 from bucket_assets.defs.resources import DatasetResource
@@ -62,6 +71,9 @@ def processed_images_asset(partitions: dg.PartitionsDefinition) -> dg.AssetsDefi
                     "SELECT * FROM processed_images WHERE list_contains(?, bucket_id)", [buckets]
                 ).to_arrow_table().to_pylist():
                     previous[(row["bucket_id"], row["key"])] = row
+        for b in buckets:  # rows a killed run finished but never recorded in the DB
+            for key, row in read_journal(journal_path(spec.processed_dir, b)).items():
+                previous[(b, key)] = row
         tasks = [
             RenderTask(*row[:15], out_path=store_path(spec.processed_dir, row[1], row[2]), params=params,
                        orientation=row[15])
@@ -79,12 +91,20 @@ def processed_images_asset(partitions: dg.PartitionsDefinition) -> dg.AssetsDefi
                 todo.append(i)
         workers = resolve_workers(spec.image.workers)
         context.log.info(f"{len(tasks)} samples in {len(buckets)} bucket(s); rendering {len(todo)}, reusing {len(tasks) - len(todo)} ({workers} workers)")
-        for i, res in zip(todo, ordered_map(render, [tasks[i] for i in todo], workers, chunksize=4)):
-            results[i] = res
+        journal = Journal(spec.processed_dir)
+        try:
+            for i, res in zip(todo, ordered_map(render, [tasks[i] for i in todo], workers, chunksize=4)):
+                results[i] = res
+                journal.append(res)
+                failpoint("rendered")
+        finally:
+            journal.close()
         rows = [results[i] for i in range(len(tasks))]
-        _prune_store(spec.processed_dir, buckets, {r["path"] for r in rows if r["status"] == "ok"})
         with dataset.db() as con:
             replace_partitions(con, "processed_images", pa.Table.from_pylist(rows, schema=PROCESSED_SCHEMA), buckets)
+        for b in buckets:
+            journal_path(spec.processed_dir, b).unlink(missing_ok=True)
+        _prune_store(spec.processed_dir, buckets, {r["path"] for r in rows if r["status"] == "ok"})
         statuses: dict[str, int] = {}
         for r in rows:
             statuses[r["status"]] = statuses.get(r["status"], 0) + 1

@@ -5,7 +5,7 @@ import dagster as dg
 import pyarrow as pa
 
 from bucket_assets.core.buckets import bucket_table
-from bucket_assets.core.db import replace_table
+from bucket_assets.core.db import replace_table, transaction
 from bucket_assets.core.filters import apply_filters
 from bucket_assets.core.parallel import resolve_workers
 from bucket_assets.core.raw_index import build_raw_index
@@ -23,12 +23,13 @@ def raw_index(context: dg.AssetExecutionContext, dataset: DatasetResource) -> dg
     table, stats = build_raw_index(spec, resolve_workers(spec.image.workers))
     skips = sorted(stats.counts.items())
     with dataset.db() as con:
-        replace_table(con, "raw_index", table)
-        replace_table(
-            con,
-            "scan_skips",
-            pa.table({"reason": [k for k, _ in skips], "count": [v for _, v in skips]}, schema=pa.schema([("reason", pa.string()), ("count", pa.int64())])),
-        )
+        with transaction(con, "raw_index"):
+            replace_table(con, "raw_index", table)
+            replace_table(
+                con,
+                "scan_skips",
+                pa.table({"reason": [k for k, _ in skips], "count": [v for _, v in skips]}, schema=pa.schema([("reason", pa.string()), ("count", pa.int64())])),
+            )
         by_source = con.execute("SELECT source, count(*) FROM raw_index GROUP BY source ORDER BY source").fetchall()
     for reason, n in skips:
         context.log.warning(f"skipped {n} source member(s): {reason}")
@@ -47,7 +48,8 @@ def filtered_images(dataset: DatasetResource) -> dg.MaterializeResult:
     base resolution's nearest bucket can be filled without upsampling)."""
     spec = dataset.load()
     with dataset.db() as con:
-        apply_filters(con, spec.filters, bucket_table(spec.buckets.base_resolutions, spec.buckets.divisible))
+        with transaction(con, "filtered_images"):
+            apply_filters(con, spec.filters, bucket_table(spec.buckets.base_resolutions, spec.buckets.divisible))
         counts = con.execute(
             "SELECT decision, count(*) FROM filtered_images GROUP BY decision ORDER BY count(*) DESC, decision"
         ).fetchall()
