@@ -54,6 +54,34 @@ def _bomb_png(width: int, height: int) -> bytes:
     return bytes(data)
 
 
+def _ycck_jpeg(scene: Image.Image) -> bytes:
+    """A YCCK JPEG (Adobe transform 2): the CMYK picture's C, M, Y stored as YCbCr of (255 - C,
+    255 - M, 255 - Y) and K as is, which is what libjpeg writes for JCS_YCCK."""
+    cmyk = np.asarray(scene.convert("CMYK")).astype(np.float64)
+    r, g, b = 255 - cmyk[..., 0], 255 - cmyk[..., 1], 255 - cmyk[..., 2]
+    planes = [0.299 * r + 0.587 * g + 0.114 * b, -0.168736 * r - 0.331264 * g + 0.5 * b + 128,
+              0.5 * r - 0.418688 * g - 0.081312 * b + 128, cmyk[..., 3]]
+    ycck = np.clip(np.stack(planes, -1).round(), 0, 255).astype(np.uint8)
+    data = bytearray(_save(Image.fromarray(ycck, "CMYK"), "JPEG", quality=95))
+    adobe = data.find(b"Adobe\x00")
+    assert adobe > 0
+    data[adobe + 11] = 2  # APP14 transform byte: YCCK
+    return bytes(data)
+
+
+def _swapped_primaries_icc() -> bytes:
+    """sRGB's ICC profile with the red and green primaries swapped: converting through it to
+    sRGB swaps the red and green channels, so a skipped conversion is plain to see."""
+    from PIL import ImageCms
+
+    b = bytearray(ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes())
+    count = struct.unpack(">I", b[128:132])[0]
+    entry = {bytes(b[132 + 12 * i: 136 + 12 * i]): 132 + 12 * i for i in range(count)}
+    r, g = entry[b"rXYZ"], entry[b"gXYZ"]
+    b[r + 4: r + 12], b[g + 4: g + 12] = b[g + 4: g + 12], b[r + 4: r + 12]
+    return bytes(b)
+
+
 def _files() -> dict[str, tuple[bytes, str]]:
     """name -> (bytes, expected outcome: 'exported' or a reason)."""
     scene = _scene()
@@ -82,6 +110,10 @@ def _files() -> dict[str, tuple[bytes, str]]:
         exif = Image.Exif()
         exif[0x0112] = o
         out[f"orient{o}.jpg"] = (_save(stored, "JPEG", quality=95, exif=exif.tobytes()), "exported")
+    out["ycck.jpg"] = (_ycck_jpeg(scene), "exported")
+    out["icc_swapped.jpg"] = (_save(scene, "JPEG", quality=95, icc_profile=_swapped_primaries_icc()), "exported")
+    out["anim_webp.webp"] = (_save(scene, "WEBP", quality=95, save_all=True, append_images=[Image.new("RGB", (W, H))]),
+                             "exported")
     # transparency composited on white: a palette image whose index 0 is transparent
     pal = scene.convert("P", palette=Image.Palette.ADAPTIVE, colors=32)
     out["palette.png"] = (_save(pal, "PNG", transparency=0), "exported")
@@ -167,5 +199,11 @@ def test_exported_pixels_are_right(hostile_export):
     # the palette's transparent index is composited on white
     pal = samples["palette"]
     assert (pal.reshape(-1, 3) > 245).all(axis=1).any()
-    # an animated GIF exports its first frame (the scene, not the black second frame)
+    # an animated GIF or WebP exports its first frame (the scene, not the black second frame)
     assert samples["anim"].mean() > 40
+    assert _psnr(samples["anim_webp"], ref) > 30
+    # YCCK decodes to the same picture as the CMYK file
+    assert _psnr(samples["ycck"], samples["cmyk"]) > 30
+    # an embedded ICC profile is converted to sRGB: here its swapped primaries swap red and green
+    assert _psnr(samples["icc_swapped"], ref[..., [1, 0, 2]]) > 30
+    assert _psnr(samples["icc_swapped"], ref) < 20
