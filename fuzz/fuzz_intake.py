@@ -1,0 +1,91 @@
+"""Coverage-guided fuzzing (atheris) of the intake: the tar reader and the image probe/decode.
+
+    pip install atheris
+    python fuzz/fuzz_intake.py -atheris_runs=200000            # or -max_total_time=600
+    python fuzz/fuzz_intake.py fuzz/corpus -max_total_time=600 # with a seed corpus (--make-corpus)
+
+The first input byte picks the target: even bytes go to the tar reader (the rest written as a
+.tar, scanned, every record's bytes read back and probed), odd bytes to the image intake
+(probe, then decode). The only allowed failures are the documented ones: OSError for a file
+that is not a tar or a member that cannot be read, ImageError for image bytes. Anything else
+is a crash atheris reports with the input that caused it.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+
+import atheris
+
+with atheris.instrument_imports():
+    from bucket_assets.core.imaging import ImageError, decode_rgb, probe
+    from bucket_assets.core.sources import ScanStats, read_bytes
+    from bucket_assets.core.sources.webdataset import scan
+    from bucket_assets.spec import WebDatasetSource
+
+MAX_PIXELS = 4_000_000  # small: a fuzzer must not spend its time decoding big pictures
+_DIR = Path(tempfile.mkdtemp(prefix="fuzz-intake-"))
+_TAR = _DIR / "00000.tar"
+_SOURCE = WebDatasetSource(name="fuzz", kind="webdataset", paths=[str(_TAR)])
+
+
+def _image(data: bytes) -> None:
+    try:
+        probe(data, MAX_PIXELS)
+        decode_rgb(data, MAX_PIXELS, None, None)
+    except ImageError:
+        pass
+
+
+def _tar(data: bytes) -> None:
+    _TAR.write_bytes(data)
+    try:
+        records = list(scan(_SOURCE, ScanStats(), 1000))
+    except OSError:
+        return
+    for r in records:
+        if r.member is None:
+            continue
+        try:
+            _image(read_bytes(r.location, r.member, r.offset, r.size))
+        except OSError:
+            pass
+
+
+def test_one_input(data: bytes) -> None:
+    if not data:
+        return
+    (_image if data[0] & 1 else _tar)(data[1:])
+
+
+def make_corpus(out: Path) -> None:
+    """A few valid seeds: a small JPEG and PNG, and a tar holding a sample."""
+    from PIL import Image
+
+    out.mkdir(parents=True, exist_ok=True)
+    img = Image.new("RGB", (64, 48), (200, 30, 30))
+    for fmt in ("JPEG", "PNG"):
+        buf = io.BytesIO()
+        img.save(buf, fmt)
+        (out / f"seed.{fmt.lower()}").write_bytes(b"\x01" + buf.getvalue())
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tf:
+        for name, payload in (("a.jpg", (out / "seed.jpeg").read_bytes()[1:]), ("a.txt", b"caption"),
+                              ("a.json", b'{"similarity": 0.3}')):
+            ti = tarfile.TarInfo(name)
+            ti.size = len(payload)
+            tf.addfile(ti, io.BytesIO(payload))
+    (out / "seed.tar").write_bytes(b"\x00" + buf.getvalue())
+
+
+if __name__ == "__main__":
+    if "--make-corpus" in sys.argv:
+        make_corpus(Path(os.path.dirname(__file__)) / "corpus")
+        sys.exit(0)
+    atheris.Setup(sys.argv, test_one_input)
+    atheris.Fuzz()
