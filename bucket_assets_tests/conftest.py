@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
+import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 import yaml
@@ -77,3 +81,69 @@ def run_cli(*args: str, env: dict | None = None, cwd: Path | None = None, timeou
     cmd = [exe, *args] if exe else [sys.executable, "-m", "bucket_assets.cli", *args]
     full_env = {**os.environ, **(env or {})}
     return subprocess.run(cmd, capture_output=True, text=True, env=full_env, cwd=cwd, timeout=timeout)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def listening_addresses(port: int) -> set[str]:
+    """Local addresses (hex, as in /proc/net/tcp*) with a socket listening on `port`."""
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            addr, port_hex = fields[1].rsplit(":", 1)
+            if fields[3] == "0A" and int(port_hex, 16) == port:  # 0A: LISTEN
+                found.add(addr)
+    return found
+
+
+def wait_for(pred, timeout: float, what: str, proc=None):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"the server exited early ({proc.returncode}) while waiting for {what}")
+        if pred():
+            return
+        time.sleep(1)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+@contextmanager
+def dagster_dev(cwd: Path, env: dict, port: int, startup_timeout: float = 120) -> Iterator[subprocess.Popen]:
+    """`dagster dev` (webserver + daemon) on 127.0.0.1:port in its own session, up and answering
+    when the block starts; stopped (SIGTERM, then SIGKILL) when it ends. Log: cwd/dagster_dev.log."""
+    import signal
+    import urllib.request
+
+    dagster = os.path.join(os.path.dirname(sys.executable), "dagster")
+    log = open(cwd / "dagster_dev.log", "w")
+    proc = subprocess.Popen(
+        [dagster, "dev", "-h", "127.0.0.1", "-p", str(port), "-m", "bucket_assets.definitions"],
+        cwd=cwd, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    try:
+        def up() -> bool:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/server_info", timeout=2) as r:
+                    return r.status == 200
+            except OSError:
+                return False
+
+        wait_for(up, startup_timeout, "the webserver", proc)
+        yield proc
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()

@@ -4,13 +4,6 @@ source lands, rewriting only the bucket whose captions changed."""
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import duckdb
@@ -20,42 +13,9 @@ import pyarrow.parquet as pq
 from bucket_assets.core.manifest import verify_export
 from bucket_assets.core.shards import read_shard
 from bucket_assets.spec import load_spec
-from bucket_assets_tests.conftest import run_cli
+from bucket_assets_tests.conftest import dagster_dev, free_port, listening_addresses, run_cli, wait_for
 
 NEW_MODEL = "google/gemini-2.5-flash-lite"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _listening_addresses(port: int) -> set[str]:
-    """Local addresses (hex, as in /proc/net/tcp*) with a socket listening on `port`."""
-    found = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            lines = Path(table).read_text().splitlines()[1:]
-        except OSError:
-            continue
-        for line in lines:
-            fields = line.split()
-            addr, port_hex = fields[1].rsplit(":", 1)
-            if fields[3] == "0A" and int(port_hex, 16) == port:  # 0A: LISTEN
-                found.add(addr)
-    return found
-
-
-def _wait(pred, timeout: float, what: str, proc=None):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"dagster dev exited early ({proc.returncode}) while waiting for {what}")
-        if pred():
-            return
-        time.sleep(1)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def _captions(shard_dir: Path) -> dict[str, str]:
@@ -89,26 +49,12 @@ def test_dagster_dev_reshards_one_bucket_when_a_caption_source_lands(make_spec, 
     before = {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in export.rglob("shard-*.tar")}
     captions_before = _captions(export / "buckets" / target)
 
-    port = _free_port()
-    dagster = os.path.join(os.path.dirname(sys.executable), "dagster")
-    log = open(tmp_path / "dagster_dev.log", "w")
-    proc = subprocess.Popen(
-        [dagster, "dev", "-h", "127.0.0.1", "-p", str(port), "-m", "bucket_assets.definitions"],
-        cwd=tmp_path, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )
-    try:
-        def up() -> bool:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/server_info", timeout=2) as r:
-                    return r.status == 200
-            except OSError:
-                return False
-
-        _wait(up, 120, "the webserver", proc)
+    port = free_port()
+    with dagster_dev(tmp_path, env, port) as proc:
         # The README's command binds the webserver to loopback only.
         assert "dagster dev -h 127.0.0.1" in (Path(__file__).resolve().parents[1] / "README.md").read_text()
         if Path("/proc/net/tcp").exists():
-            assert _listening_addresses(port) == {"0100007F"}, _listening_addresses(port)
+            assert listening_addresses(port) == {"0100007F"}, listening_addresses(port)
         ids = sorted(by_bucket[target])
         pq.write_table(pa.table({"image_id": ids, "caption": [f"A new caption for {i}." for i in ids]}),
                        landing / "gemini_v2.parquet")
@@ -124,15 +70,7 @@ def test_dagster_dev_reshards_one_bucket_when_a_caption_source_lands(make_spec, 
                 return False
             return NEW_MODEL in [s["model"] for s in m["caption_sources"]] and NEW_MODEL in (export / "README.md").read_text()
 
-        _wait(manifest_updated, 180, "the manifest to list the new caption source", proc)
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        log.close()
+        wait_for(manifest_updated, 180, "the manifest to list the new caption source", proc)
 
     after = {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in export.rglob("shard-*.tar")}
     assert set(after) == set(before)
