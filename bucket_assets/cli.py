@@ -57,6 +57,38 @@ def _first_error(result) -> str:
     return "run failed"
 
 
+def _progress_listener(stream, interval: float = 5.0):
+    """A tqdm bar per stage on a terminal; elsewhere (CI logs, pipes) a plain line every
+    `interval` seconds and one when the stage ends."""
+    import time
+
+    state: dict = {"stage": None, "bar": None, "last": 0.0}
+    tty = stream.isatty()
+
+    def listen(stage: str, done: int, total: int) -> None:
+        if stage != state["stage"]:
+            if state["bar"] is not None:
+                state["bar"].close()
+            state.update(stage=stage, bar=None, last=time.monotonic())
+            if tty:
+                from tqdm import tqdm
+
+                state["bar"] = tqdm(total=total, desc=stage, unit="item", file=stream, leave=False, dynamic_ncols=True)
+        if state["bar"] is not None:
+            state["bar"].n = done
+            state["bar"].refresh()
+            if done >= total:
+                state["bar"].close()
+                state["bar"] = None
+            return
+        now = time.monotonic()
+        if total and (done >= total or now - state["last"] >= interval) and done > 0:
+            state["last"] = now
+            print(f"{stage}: {done}/{total} ({100 * done // total}%)", file=stream, flush=True)
+
+    return listen
+
+
 def cmd_build(args: argparse.Namespace) -> int:
     spec_path = resolve_spec_path(args.spec)
     os.environ[SPEC_ENV_VAR] = spec_path  # the definitions module reads its spec from here
@@ -72,6 +104,9 @@ def cmd_build(args: argparse.Namespace) -> int:
     from bucket_assets import definitions
     from bucket_assets.core.buckets import bucket_table
 
+    from bucket_assets.core import progress
+
+    progress.set_listener(_progress_listener(sys.stderr))
     ids = [b.id for b in bucket_table(spec.buckets.base_resolutions, spec.buckets.divisible)]
     tags = {"dagster/asset_partition_range_start": ids[0], "dagster/asset_partition_range_end": ids[-1]}
     with dg.DagsterInstance.get() as instance:

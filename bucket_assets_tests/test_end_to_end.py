@@ -115,6 +115,26 @@ def test_sample_build_through_cli_reads_back_with_card_snippets(make_spec, tmp_p
     assert f"- images_seen: {s['images_seen']}" in card
     assert "google/gemini-2.0-flash-lite-001" in card
 
+    # Pictures: the chart and one contact sheet per bucket, linked from the card and readable.
+    import re
+
+    links = re.findall(r"!\[[^\]]*\]\(([^)]+\.png)\)", card)
+    assert links[0] == "bucket_distribution.png"
+    assert sorted(links[1:]) == sorted(f"contact_sheets/{b}.png" for b in manifest["buckets"])
+    for link in links:
+        with Image.open(export / link) as im:
+            assert im.format == "PNG" and im.width >= 400 and im.height >= 200, link
+    # a sheet shows the bucket's first samples: its top-left tile is the first sample's picture
+    bucket_id, bucket = max(manifest["buckets"].items(), key=lambda kv: kv[1]["count"])
+    first = next(read_shard(export / bucket["shards"][0]["path"]))[1]["jpg"]
+    with Image.open(export / f"contact_sheets/{bucket_id}.png") as sheet, Image.open(io.BytesIO(first)) as im:
+        im = im.convert("RGB")
+        im.thumbnail((200, 200))
+        tile = sheet.convert("RGB").crop((8 + (200 - im.width) // 2, 30 + (200 - im.height) // 2,
+                                          8 + (200 - im.width) // 2 + im.width, 30 + (200 - im.height) // 2 + im.height))
+        diff = sum(abs(a - b) for a, b in zip(tile.tobytes(), im.tobytes())) / len(im.tobytes())
+        assert diff < 3, diff
+
 
 def test_two_builds_are_byte_identical_and_rebuild_reuses_work(make_spec):
     a, b = make_spec("a"), make_spec("b", **{"image.workers": 2})
@@ -127,6 +147,8 @@ def test_two_builds_are_byte_identical_and_rebuild_reuses_work(make_spec):
     # The specs differ in paths and worker count only: the manifests differ only in `created`.
     assert ma.pop("created") != mb.pop("created")
     assert ma == mb
+    pictures = lambda e: {str(p.relative_to(e)): p.read_bytes() for p in e.rglob("*.png")}  # noqa: E731
+    assert pictures(ea) and pictures(ea) == pictures(eb)
 
     # A second build of the same spec renders nothing and rewrites no shard.
     mtimes = {p: p.stat().st_mtime_ns for p in ea.rglob("shard-*.tar")}
@@ -319,3 +341,16 @@ def test_incremental_verification_rereads_only_changed_shards(make_spec):
     shard.write_bytes(bytes(data))
     with pytest.raises(Exception, match=str(shard.relative_to(export))):
         verify_export(export, full.verified)
+
+
+def test_long_stages_log_progress(make_spec):
+    import re
+
+    import dagster as dg
+
+    instance = dg.DagsterInstance.ephemeral()
+    result = materialize_all(make_spec("progress"), instance)
+    assert result.success
+    messages = [e.user_message for e in instance.all_logs(result.run_id)]
+    for stage in ("raw_index: records probed", "processed_images: images rendered", "bucket_shards: buckets written"):
+        assert any(re.fullmatch(rf"{stage}: (\d+)/\1 \(100%\), [\d.]+/s in \d+s", m) for m in messages), stage

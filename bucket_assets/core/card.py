@@ -19,7 +19,9 @@ def _short(h: str | None) -> str:
     return f"{h[:12]}…" if h else ""
 
 
-def render_card(m: dict) -> str:
+def render_card(m: dict, pictures: bool = False) -> str:
+    """The card for manifest `m`; `pictures`: link the chart and contact sheets (core.pictures)
+    written next to it."""
     buckets = m["buckets"]
     summary = m["summary"]
     n_shards = sum(len(b["shards"]) for b in buckets.values())
@@ -154,7 +156,7 @@ Bucket IDs (preview): {preview}
 
 Bucket distribution:
 {_table(['bucket_id', 'target_w×h', 'aspect', 'count'], dist_rows)}
-
+{_pictures(m) if pictures else ''}
 ## Caption selection (waterfall)
 Captions are selected from the caption table (`metadata.duckdb` in the build's work directory) using the first matching selector (highest priority wins).
 Within the same selector, the newest caption source is preferred.
@@ -231,3 +233,23 @@ def extract_snippets(card: str) -> list[str]:
         elif inside:
             cur.append(line)
     return out
+
+
+def _pictures(m: dict) -> str:
+    from bucket_assets.core.pictures import CHART_NAME, sheet_path
+
+    buckets = sorted(m["buckets"].items(), key=lambda kv: (-kv[1]["count"], kv[0]))
+    sheets = "\n".join(
+        f"- `{bid}` ({b['scaled']['w']}×{b['scaled']['h']}, {_n(b['count'])} samples): "
+        f"![{bid}]({sheet_path(bid)})"
+        for bid, b in buckets
+    )
+    return f"""
+![Samples per bucket]({CHART_NAME})
+
+### What is inside
+A contact sheet per bucket (largest first): the first samples of its first shard, with the first
+words of their captions.
+
+{sheets}
+"""

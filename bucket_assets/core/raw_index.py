@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+from typing import Callable
 
 import pyarrow as pa
 
 from bucket_assets.core.failpoints import failpoint
 from bucket_assets.core.imaging import ImageError, probe
 from bucket_assets.core.parallel import ordered_map
+from bucket_assets.core.progress import Progress
 from bucket_assets.core.sources import RawRecord, ScanStats, read_bytes, scan_source
 from bucket_assets.spec import Spec
 
@@ -87,7 +89,8 @@ def scan_all(spec: Spec) -> tuple[list[RawRecord], ScanStats]:
     return records, stats
 
 
-def build_raw_index(spec: Spec, workers: int) -> tuple[pa.Table, ScanStats]:
+def build_raw_index(spec: Spec, workers: int, report: Callable[[str], None] | None = None) -> tuple[pa.Table, ScanStats]:
+    """`report` receives a progress line every few seconds while the records are hashed and probed."""
     records, stats = scan_all(spec)
     kinds = {s.name: s.kind for s in spec.sources}
     tasks = [
@@ -96,6 +99,7 @@ def build_raw_index(spec: Spec, workers: int) -> tuple[pa.Table, ScanStats]:
         if r.issue is None
     ]
     probed = iter(ordered_map(_probe_task, tasks, workers, chunksize=16))
+    progress = Progress("raw_index: records probed", len(tasks), report)
     rows = []
     for row_id, rec in enumerate(records):
         row = {
@@ -122,6 +126,8 @@ def build_raw_index(spec: Spec, workers: int) -> tuple[pa.Table, ScanStats]:
         }
         if rec.issue is None:
             row.update(next(probed))
+            progress.advance()
         rows.append(row)
+    progress.close()
     table = pa.Table.from_pylist(rows, schema=RAW_INDEX_SCHEMA)
     return table, stats

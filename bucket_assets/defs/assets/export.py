@@ -9,11 +9,13 @@ import dagster as dg
 import pyarrow as pa
 
 from bucket_assets.core.accounting import summary
-from bucket_assets.core.atomic import atomic_write_text, remove_stale_temps
+from bucket_assets.core.atomic import atomic_write_bytes, atomic_write_text, remove_stale_temps
 from bucket_assets.core.buckets import bucket_table
 from bucket_assets.core.card import render_card
 from bucket_assets.core.db import replace_partitions, table_exists
 from bucket_assets.core.manifest import MANIFEST_NAME, build_manifest, dumps, same_content
+from bucket_assets.core.pictures import CHART_NAME, SHEETS_DIR, bucket_chart_png, contact_sheet_png, first_samples, sheet_path
+from bucket_assets.core.progress import Progress
 from bucket_assets.core.publish import publish, stage_shard, staging_dir
 from bucket_assets.core.shards import (
     SHARD_NAME,
@@ -113,6 +115,7 @@ def bucket_shards_asset(partitions: dg.PartitionsDefinition, processed_images: d
             has_plan = table_exists(con, "processed_images")
             if has_plan:
                 write_sample_plan(con, keys, plan)
+        progress = Progress("bucket_shards: buckets written", len(keys), context.log.info)
         try:
             for bucket_id in keys:
                 rows = read_sample_plan(plan, bucket_id) if has_plan else []
@@ -120,14 +123,32 @@ def bucket_shards_asset(partitions: dg.PartitionsDefinition, processed_images: d
                 all_shards += s_rows
                 all_samples += smp_rows
                 rewritten += n
+                progress.advance()
         finally:
             plan.unlink(missing_ok=True)
+        progress.close()
         with dataset.db() as con:
             replace_partitions(con, "shard_files", pa.Table.from_pylist(all_shards, schema=SHARD_FILES_SCHEMA), keys)
             replace_partitions(con, "shard_samples", pa.Table.from_pylist(all_samples, schema=SHARD_SAMPLES_SCHEMA), keys)
         context.log.info(f"{len(all_shards)} shard(s), {len(all_samples)} samples; {rewritten} file(s) staged")
+        per_bucket: dict[str, list[dict]] = {}
+        for r in all_shards:
+            per_bucket.setdefault(r["bucket_id"], []).append(r)
+        table = ["| bucket | samples | bytes | shards | preview |", "| --- | ---: | ---: | --- | --- |"]
+        for bucket_id, rows in sorted(per_bucket.items()):
+            table.append(
+                f"| {bucket_id} | {sum(r['samples'] for r in rows):,} | {sum(r['bytes'] for r in rows):,} | "
+                + "<br>".join(f"`{out_dir / r['path']}`" for r in rows)
+                + f" | `{out_dir / sheet_path(bucket_id)}` |"
+            )
         return dg.MaterializeResult(
-            metadata={"shards": len(all_shards), "samples": len(all_samples), "files_rewritten": rewritten}
+            metadata={
+                "shards": len(all_shards),
+                "samples": len(all_samples),
+                "bytes": sum(r["bytes"] for r in all_shards),
+                "files_rewritten": rewritten,
+                "per_bucket": dg.MetadataValue.md("\n".join(table)),
+            }
         )
 
     return bucket_shards
@@ -199,6 +220,34 @@ def export_manifest_asset(bucket_shards: dg.AssetsDefinition) -> dg.AssetsDefini
     return export_manifest
 
 
+def write_pictures(out: Path, manifest: dict, per_bucket: int = 8) -> int:
+    """The chart and one contact sheet per bucket next to the card; unchanged files are left
+    alone and sheets of buckets no longer exported removed. Returns files written."""
+    written = 0
+
+    def put(path: Path, data: bytes) -> None:
+        nonlocal written
+        if not path.is_file() or path.read_bytes() != data:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(path, data)
+            written += 1
+
+    put(out / CHART_NAME, bucket_chart_png(manifest))
+    keep = set()
+    for bucket_id, b in manifest["buckets"].items():
+        samples = first_samples([out / sh["path"] for sh in b["shards"]], per_bucket)
+        title = f"{bucket_id}: {b['scaled']['w']}x{b['scaled']['h']}, {b['count']} samples"
+        keep.add(out / sheet_path(bucket_id))
+        put(out / sheet_path(bucket_id), contact_sheet_png(samples, title))
+    sheets = out / SHEETS_DIR
+    if sheets.is_dir():
+        remove_stale_temps(sheets)
+        for p in sheets.iterdir():
+            if p not in keep:
+                p.unlink()
+    return written
+
+
 def dataset_card_asset(export_manifest: dg.AssetsDefinition) -> dg.AssetsDefinition:
     @dg.asset(name="dataset_card", group_name="export", deps=[export_manifest], kinds={"markdown"})
     def dataset_card(dataset: DatasetResource) -> dg.MaterializeResult:
@@ -206,12 +255,19 @@ def dataset_card_asset(export_manifest: dg.AssetsDefinition) -> dg.AssetsDefinit
         spec = dataset.load()
         out = Path(spec.output_dir)
         manifest = json.loads((out / MANIFEST_NAME).read_text(encoding="utf-8"))
-        card = render_card(manifest)
+        written = write_pictures(out, manifest)
+        card = render_card(manifest, pictures=True)
         path = out / "README.md"
         if not path.is_file() or path.read_text(encoding="utf-8") != card:
             atomic_write_text(path, card)
         return dg.MaterializeResult(
-            metadata={"path": dg.MetadataValue.path(str(path)), "card": dg.MetadataValue.md(card)}
+            metadata={
+                "path": dg.MetadataValue.path(str(path)),
+                "chart": dg.MetadataValue.path(str(out / CHART_NAME)),
+                "contact_sheets": dg.MetadataValue.path(str(out / SHEETS_DIR)),
+                "pictures_rewritten": written,
+                "card": dg.MetadataValue.md(card),
+            }
         )
 
     return dataset_card

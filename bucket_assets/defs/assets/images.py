@@ -11,6 +11,7 @@ from bucket_assets.core.atomic import remove_stale_temps
 from bucket_assets.core.db import replace_partitions, table_exists
 from bucket_assets.core.parallel import ordered_map, resolve_workers
 from bucket_assets.core.failpoints import failpoint
+from bucket_assets.core.progress import Progress
 from bucket_assets.core.processing import (
     Journal,
     RenderParams,
@@ -92,13 +93,16 @@ def processed_images_asset(partitions: dg.PartitionsDefinition) -> dg.AssetsDefi
         workers = resolve_workers(spec.image.workers)
         context.log.info(f"{len(tasks)} samples in {len(buckets)} bucket(s); rendering {len(todo)}, reusing {len(tasks) - len(todo)} ({workers} workers)")
         journal = Journal(spec.processed_dir)
+        progress = Progress("processed_images: images rendered", len(todo), context.log.info)
         try:
             for i, res in zip(todo, ordered_map(render, [tasks[i] for i in todo], workers, chunksize=4)):
                 results[i] = res
                 journal.append(res)
                 failpoint("rendered")
+                progress.advance()
         finally:
             journal.close()
+        progress.close()
         rows = [results[i] for i in range(len(tasks))]
         with dataset.db() as con:
             replace_partitions(con, "processed_images", pa.Table.from_pylist(rows, schema=PROCESSED_SCHEMA), buckets)

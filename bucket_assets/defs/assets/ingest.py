@@ -20,7 +20,7 @@ def raw_index(context: dg.AssetExecutionContext, dataset: DatasetResource) -> dg
     the source's caption and metadata (url, similarity, NSFW tag, license)."""
     spec = dataset.load()
     check_paths(spec)
-    table, stats = build_raw_index(spec, resolve_workers(spec.image.workers))
+    table, stats = build_raw_index(spec, resolve_workers(spec.image.workers), context.log.info)
     skips = sorted(stats.counts.items())
     with dataset.db() as con:
         with transaction(con, "raw_index"):
