@@ -231,6 +231,7 @@ def resize_cover(rgb: np.ndarray, resized_w: int, resized_h: int) -> np.ndarray:
     The HxWx3 uint8 array is viewed as a channels-last NCHW uint8 tensor without a copy; torch's
     uint8 channels-last bicubic-antialias kernel is several times faster than the float32 path
     and within 1-2 grey levels of it (PSNR > 45 dB; see benchmarks/image_throughput.py).
+    Returns a C-contiguous HxWx3 array.
     """
     h, w = rgb.shape[:2]
     if (w, h) == (resized_w, resized_h):
@@ -239,8 +240,18 @@ def resize_cover(rgb: np.ndarray, resized_w: int, resized_h: int) -> np.ndarray:
     import torch.nn.functional as F
 
     x = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).unsqueeze(0)
-    y = F.interpolate(x, size=(resized_h, resized_w), mode="bicubic", antialias=True, align_corners=False)
-    return y.squeeze(0).permute(1, 2, 0).numpy()
+    # F.interpolate returns this kernel's result channels-first, and turning that back into
+    # interleaved HxWx3 costs as much as a third of the resize. Writing into a channels-last
+    # `out` gives the same values (tested) with no transpose on either side.
+    out = torch.empty((1, resized_h, resized_w, 3), dtype=torch.uint8)
+    try:
+        torch.ops.aten._upsample_bicubic2d_aa.out(
+            x, [resized_h, resized_w], False, None, None, out=out.permute(0, 3, 1, 2)
+        )
+    except (AttributeError, RuntimeError):  # a torch without this overload: the public call
+        y = F.interpolate(x, size=(resized_h, resized_w), mode="bicubic", antialias=True, align_corners=False)
+        return y.squeeze(0).permute(1, 2, 0).contiguous().numpy()
+    return out.squeeze(0).numpy()
 
 
 def resize_cover_float(rgb: np.ndarray, resized_w: int, resized_h: int) -> np.ndarray:

@@ -79,7 +79,9 @@ def _psnr(a: np.ndarray, b: np.ndarray) -> float:
     return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
 
 
-@pytest.mark.parametrize("src, dst", [((97, 131), (40, 57)), ((64, 64), (32, 48)), ((50, 80), (50, 41))])
+@pytest.mark.parametrize(
+    "src, dst", [((97, 131), (40, 57)), ((64, 64), (32, 48)), ((50, 80), (50, 41)), ((1300, 2000), (544, 838)), ((9, 7), (3, 1))]
+)
 def test_resize_cover_is_the_direct_torch_call(src, dst):
     h, w = src
     rh, rw = dst
@@ -89,6 +91,7 @@ def test_resize_cover_is_the_direct_torch_call(src, dst):
     ref = F.interpolate(x, size=(rh, rw), mode="bicubic", antialias=True)[0].permute(1, 2, 0).numpy()
     assert got.dtype == np.uint8
     assert got.shape == (rh, rw, 3)
+    assert got.flags["C_CONTIGUOUS"]  # interleaved, so the encoder needs no transpose
     assert np.array_equal(got, ref)
 
 
