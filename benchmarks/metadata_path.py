@@ -111,7 +111,7 @@ def main() -> int:
             con, ["caption_gemini_2_flash_lite", "caption_mistral_medium_3_1", "alt_text"], "empty"))
         con.execute(
             """CREATE OR REPLACE TABLE processed_images AS
-               SELECT image_id, bucket_id, key, '/work/processed/' || bucket_id || '/' || key || '.jpg' AS path,
+               SELECT image_id, bucket_id, key, '/work/processed/' || bucket_id || '/pack-1.bin' AS path, 0::BIGINT AS pack_offset,
                       'x' AS fingerprint, 'ok' AS status, NULL::VARCHAR AS error, 100000::BIGINT AS bytes,
                       NULL::VARCHAR AS sha256, target_w AS width, target_h AS height, 0::TINYINT AS subsampling
                FROM bucket_assignments WHERE status = 'ok'"""

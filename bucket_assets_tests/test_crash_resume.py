@@ -97,23 +97,46 @@ def _card(export: Path) -> str:
     return (export / "README.md").read_text(encoding="utf-8").replace(created, "<created>")
 
 
-def _store(work: Path) -> dict[str, int]:
-    return {str(p.relative_to(work)): p.stat().st_ino for p in (work / "processed").rglob("*.jpg")}
+def _committed(work: Path) -> dict[str, tuple[str, int]]:
+    """bucket/key -> (pack, offset) of every stored record the DB holds."""
+    db = work / "metadata.duckdb"
+    if not db.exists():
+        return {}
+    import duckdb
+
+    con = duckdb.connect(str(db), read_only=True)
+    try:
+        if not con.execute("SELECT count(*) FROM duckdb_tables() WHERE table_name = 'processed_images'").fetchone()[0]:
+            return {}
+        rows = con.execute(
+            "SELECT bucket_id, key, path, pack_offset FROM processed_images WHERE status = 'ok'"
+        ).fetchall()
+    finally:
+        con.close()
+    return {f"{b}/{k}": (p, o) for b, k, p, o in rows}
+
+
+def _journaled(work: Path) -> dict[str, tuple[str, int]]:
+    out = {}
+    for j in (work / "processed").glob(f"*/{JOURNAL_NAME}") if (work / "processed").is_dir() else []:
+        for key, row in read_journal(j).items():
+            if row["status"] == "ok":
+                out[f"{j.parent.name}/{key}"] = (row["path"], row["pack_offset"])
+    return out
+
+
+def _store(work: Path) -> dict[str, tuple[str, int]]:
+    """Every stored record a rerun may reuse: committed rows, overridden by journaled ones."""
+    return {**_committed(work), **_journaled(work)}
 
 
 def _recorded(work: Path) -> set[str] | None:
-    """Store files a rerun must reuse: those in journals, or all when the DB holds them
+    """Samples a rerun must reuse: those in journals, or all when the DB holds them
     (no journal left: processed_images committed). None before any rendering."""
-    journals = list((work / "processed").glob(f"*/{JOURNAL_NAME}")) if (work / "processed").is_dir() else []
-    if journals:
-        out = set()
-        for j in journals:
-            for key, row in read_journal(j).items():
-                if row["status"] == "ok":
-                    out.add(f"processed/{j.parent.name}/{key}.jpg")
-        return out
-    store = _store(work) if (work / "processed").is_dir() else {}
-    return set(store) if store else None
+    journaled = _journaled(work)
+    if journaled:
+        return set(journaled)
+    return set(_committed(work)) or None
 
 
 def _assert_nothing_partial_visible(export: Path) -> None:
@@ -136,7 +159,7 @@ def reference(sample_root, tmp_path_factory):
     export = out / "export"
     keys = sorted(_store(out / "work"))
     return {"shards": _shards(export), "manifest": _manifest(export), "card": _card(export),
-            "store_key": Path(keys[min(10, len(keys) - 1)]).name, "stored": len(keys)}
+            "store_key": keys[min(10, len(keys) - 1)].split("/")[-1] + ".jpg", "stored": len(keys)}
 
 
 def _check_resume(sample_root: Path, out: Path, reference: dict, failpoint: str | None, delay: float | None,
@@ -152,7 +175,7 @@ def _check_resume(sample_root: Path, out: Path, reference: dict, failpoint: str 
     rc, log = _finish(proc)
     assert rc == -signal.SIGKILL, f"the build was not killed (rc {rc}):\n{log}"
     _assert_nothing_partial_visible(export)
-    before = _store(work) if (work / "processed").is_dir() else {}
+    before = _store(work)
     recorded = _recorded(work)
     if rendered_before:
         assert recorded, "the kill came after rendering began, yet no rendered sample is recorded"
@@ -169,9 +192,11 @@ def _check_resume(sample_root: Path, out: Path, reference: dict, failpoint: str 
 
     after = _store(work)
     assert len(after) == reference["stored"]
-    rerendered = {k for k, ino in after.items() if before.get(k) != ino}
+    # Packs a kill left behind (half-written tails, unreferenced packs) are pruned by the rerun.
+    assert {str(p) for p in (work / "processed").rglob("*") if p.is_file()} == {p for p, _ in after.values()}
+    rerendered = {k for k, loc in after.items() if before.get(k) != loc}
     if recorded:
-        # Every sample recorded as rendered is reused, byte for byte the same file.
+        # Every sample recorded as rendered is reused: the same record in the same pack.
         assert not (rerendered & recorded), sorted(rerendered & recorded)[:5]
         assert len(rerendered) <= reference["stored"] - len(recorded)
 

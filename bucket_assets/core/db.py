@@ -88,6 +88,12 @@ def replace_partitions(
         con.register("_incoming", table)
         if not table_exists(con, name):
             con.execute(f'CREATE TABLE "{name}" AS SELECT * FROM _incoming LIMIT 0')
+        # A work dir from an older version may lack columns added since: add them (NULL for
+        # the other partitions' rows, which their next run fills) instead of failing.
+        have = {r[0] for r in con.execute(f'DESCRIBE "{name}"').fetchall()}
+        for col, typ in con.execute("SELECT column_name, column_type FROM (DESCRIBE SELECT * FROM _incoming)").fetchall():
+            if col not in have:
+                con.execute(f'ALTER TABLE "{name}" ADD COLUMN "{col}" {typ}')
         con.execute(f'DELETE FROM "{name}" WHERE list_contains(?, bucket_id)', [bucket_ids])
-        con.execute(f'INSERT INTO "{name}" SELECT * FROM _incoming')
+        con.execute(f'INSERT INTO "{name}" BY NAME SELECT * FROM _incoming')
         con.unregister("_incoming")

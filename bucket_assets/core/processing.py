@@ -1,9 +1,15 @@
 """The processed-image store: each planned sample rendered once to its final JPEG bytes.
 
-Store layout: `<work_dir>/processed/<bucket_id>/<key>.jpg`. Each stored file has a fingerprint
-(source bytes, plan, image parameters, code version) recorded in the metadata DB; a rebuild
-re-renders only samples whose fingerprint changed or whose file is gone, and re-sharding after
-a caption change reads these bytes without decoding or encoding anything.
+Store layout: `<work_dir>/processed/<bucket_id>/pack-<pid>-<token>.bin`, append-only pack
+files, one per worker process and bucket per run; a sample is (pack path, offset, bytes) in the
+metadata DB with its fingerprint (source bytes, plan, image parameters, code version). Appending
+to an open file instead of creating one file per image saves a file create and rename per image
+(the largest cost left after the codec) and keeps millions of tiny files off the work disk.
+A record becomes part of the store only once its row is journaled or committed, after its bytes
+were written, so a half-written tail left by a kill is never read; packs no committed row
+references are deleted, and packs mostly made of replaced records are compacted (images.py).
+A rebuild re-renders only samples whose fingerprint changed or whose record is gone, and
+re-sharding after a caption change reads these bytes without decoding or encoding anything.
 
 While a partition renders, each finished sample's row is also appended to the bucket's journal
 (`<bucket_id>/.journal.jsonl`), so a run killed half way resumes from what is already stored
@@ -16,10 +22,11 @@ import hashlib
 import json
 import os
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from bucket_assets.core.atomic import atomic_write_bytes
+from bucket_assets.core.failpoints import failpoint
 from bucket_assets.core.imaging import (
     ImageError,
     crop,
@@ -68,7 +75,7 @@ class RenderTask:
     crop_top: int
     target_w: int
     target_h: int
-    out_path: str
+    store_dir: str  # the bucket's directory in the store
     params: RenderParams
     orientation: int | None = None  # EXIF orientation from the raw index, if known
 
@@ -84,14 +91,143 @@ class RenderTask:
 
 
 JOURNAL_NAME = ".journal.jsonl"
+PACK_PREFIX = "pack-"
+PACK_SUFFIX = ".bin"
 
 
-def store_path(processed_dir: str | os.PathLike, bucket_id: str, key: str) -> str:
-    return str(Path(processed_dir) / bucket_id / f"{key}.jpg")
+def store_dir(processed_dir: str | os.PathLike, bucket_id: str) -> str:
+    return str(Path(processed_dir) / bucket_id)
 
 
 def journal_path(processed_dir: str | os.PathLike, bucket_id: str) -> Path:
     return Path(processed_dir) / bucket_id / JOURNAL_NAME
+
+
+def is_pack(name: str) -> bool:
+    return name.startswith(PACK_PREFIX) and name.endswith(PACK_SUFFIX)
+
+
+class _Pack:
+    def __init__(self, directory: str):
+        os.makedirs(directory, exist_ok=True)
+        name = f"{PACK_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:12]}{PACK_SUFFIX}"
+        self.path = os.path.join(directory, name)
+        self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o644)
+        self.size = 0
+
+    def write(self, data: memoryview) -> None:
+        while data:
+            n = os.write(self.fd, data)
+            data = data[n:]
+            self.size += n
+
+
+# This process's open packs by bucket directory. A pack is never reopened once closed, so a
+# pack pruned by a later run cannot be written to through a stale descriptor.
+_PACKS: dict[str, _Pack] = {}
+
+
+def append_to_store(directory: str, data: bytes, name: str) -> tuple[str, int]:
+    """Append one record to this process's pack for the directory; returns (pack path, offset).
+    The bytes are in the kernel when this returns (no fsync: a reused record is checked against
+    its pack's size, so one lost to a power cut is rendered again)."""
+    pack = _PACKS.get(directory)
+    if pack is None:
+        pack = _PACKS[directory] = _Pack(directory)
+    offset = pack.size
+    view = memoryview(data)
+    try:
+        half = len(data) // 2
+        pack.write(view[:half])
+        failpoint("write_half", name)  # crash tests: die with half a record written
+        pack.write(view[half:])
+    except BaseException:
+        # The pack's tail is now a partial record no row points to; later records go to a new pack.
+        close_store_packs(directory)
+        raise
+    return pack.path, offset
+
+
+def close_store_packs(directory: str | None = None) -> None:
+    """Close this process's open packs (all, or one directory's). Call when a run's rendering
+    is done: the inline (1-worker) path renders in the orchestrating process."""
+    for d in [directory] if directory is not None else list(_PACKS):
+        pack = _PACKS.pop(d, None)
+        if pack is not None:
+            os.close(pack.fd)
+
+
+def record_present(path: str | None, offset: int | None, size: int | None, sizes: dict[str, int] | None = None) -> bool:
+    """The record's bytes lie within its pack (`sizes` caches pack sizes across calls)."""
+    if path is None or offset is None or size is None:
+        return False
+    if sizes is not None and path in sizes:
+        total = sizes[path]
+    else:
+        try:
+            total = os.path.getsize(path)
+        except OSError:
+            total = -1
+        if sizes is not None:
+            sizes[path] = total
+    return offset + size <= total
+
+
+def needs_compaction(rows: list[dict], pack_sizes: dict[str, int], max_packs: int = 16) -> bool:
+    """A bucket's packs are compacted when replaced records fill more than half of them, or
+    when incremental runs have left more than `max_packs` packs."""
+    live = sum(r["bytes"] for r in rows if r.get("status") == "ok")
+    total = sum(pack_sizes.values())
+    if live == 0:
+        return False  # nothing to keep: pruning removes every pack
+    return len(pack_sizes) > max_packs or total > 2 * live
+
+
+def compact(directory: str, rows: list[dict]) -> list[dict]:
+    """Copy the live records of `rows` (one bucket, in row order) into one new pack, written
+    atomically; returns the rows pointing into it. The old packs stay until pruned after the
+    new rows are committed, so a kill here loses nothing."""
+    from bucket_assets.core.atomic import atomic_writer
+
+    out, offset = [], 0
+    path = os.path.join(directory, f"{PACK_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:12]}{PACK_SUFFIX}")
+    with StoreReader() as reader, atomic_writer(path, durable=False) as f:
+        for r in rows:
+            if r.get("status") != "ok":
+                out.append(r)
+                continue
+            f.write(reader.read(r["path"], r["pack_offset"], r["bytes"]))
+            out.append({**r, "path": path, "pack_offset": offset})
+            offset += r["bytes"]
+    return out
+
+
+class StoreReader:
+    """Reads records, keeping the packs it has opened open until closed."""
+
+    def __init__(self) -> None:
+        self._files: dict[str, object] = {}
+
+    def read(self, path: str, offset: int, size: int) -> bytes:
+        f = self._files.get(path)
+        if f is None:
+            f = self._files[path] = open(path, "rb")
+        f.seek(offset)
+        data = f.read(size)
+        if len(data) != size:
+            raise OSError(f"{path}: record at {offset} is truncated ({len(data)} of {size} bytes)")
+        return data
+
+    def close(self) -> None:
+        for f in self._files.values():
+            f.close()
+        self._files.clear()
+
+    def __enter__(self) -> "StoreReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def read_journal(path: str | os.PathLike) -> dict[str, dict]:
@@ -136,7 +272,8 @@ class Journal:
 
 
 def render(task: RenderTask) -> dict:
-    """Render one sample to its store path. Returns a result row; never raises for bad images."""
+    """Render one sample into the store. Returns a result row; never raises for bad images
+    (a failing store write, such as a full disk, raises)."""
     return _render(task, _no_clock)
 
 
@@ -162,7 +299,8 @@ def _render(task: RenderTask, clock) -> dict:
         "image_id": task.image_id,
         "bucket_id": task.bucket_id,
         "key": task.key,
-        "path": task.out_path,
+        "path": None,
+        "pack_offset": None,
         "fingerprint": task.fingerprint(),
         "status": "ok",
         "error": None,
@@ -219,9 +357,7 @@ def _render(task: RenderTask, clock) -> dict:
         clock("encode")
         h, w = rgb.shape[:2]
         out["subsampling"] = sub
-    # Not fsynced per image (a large share of the per-image cost); a reused store file is
-    # checked against its recorded size, so a file lost to a power cut is rendered again.
-    atomic_write_bytes(task.out_path, jpg, durable=False)
-    out.update(bytes=len(jpg), sha256=hashlib.sha256(jpg).hexdigest(), width=w, height=h)
+    path, offset = append_to_store(task.store_dir, jpg, f"{task.key}.jpg")
+    out.update(path=path, pack_offset=offset, bytes=len(jpg), sha256=hashlib.sha256(jpg).hexdigest(), width=w, height=h)
     clock("write")
     return out

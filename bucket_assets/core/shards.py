@@ -198,7 +198,7 @@ def read_shard(path: str | os.PathLike) -> Iterator[tuple[str, dict[str, bytes]]
 
 # The ordered sample list of each bucket: what its shards will hold.
 SAMPLE_PLAN_SQL = """
-SELECT p.bucket_id, p.bytes AS jpg_bytes, p.key, p.path, p.image_id, r.source, a.src_w, a.src_h,
+SELECT p.bucket_id, p.bytes AS jpg_bytes, p.key, p.path, p.pack_offset, p.image_id, r.source, a.src_w, a.src_h,
        a.target_w, a.target_h, sc.text, sc.caption_variant, sc.caption_selector_index,
        sc.caption_source_id, r.url, r.similarity, r.nsfw, r.license
 FROM processed_images p

@@ -14,6 +14,7 @@ from bucket_assets.core.buckets import bucket_table
 from bucket_assets.core.card import render_card
 from bucket_assets.core.db import replace_partitions, table_exists
 from bucket_assets.core.manifest import MANIFEST_NAME, build_manifest, dumps, same_content
+from bucket_assets.core.processing import StoreReader
 from bucket_assets.core.pictures import CHART_NAME, SHEETS_DIR, bucket_chart_png, contact_sheet_png, first_samples, sheet_path
 from bucket_assets.core.progress import Progress
 from bucket_assets.core.publish import publish, stage_shard, staging_dir
@@ -72,21 +73,24 @@ def write_bucket(out_dir: Path, bucket_id: str, rows: list[dict], max_samples: i
     sizes = [sample_tar_bytes(int(r["jpg_bytes"]), len(txt), len(meta)) for r, txt, meta in prepared]
     runs = plan_shards(sizes, max_samples, max_bytes)
     shard_rows, sample_rows, rewritten = [], [], 0
-    for idx, (start, end) in enumerate(runs):
-        rel = f"buckets/{bucket_id}/{SHARD_NAME.format(idx)}"
-        chunk = prepared[start:end]
-        shard = stage_shard(out_dir, rel, (Sample(r["key"], Path(r["path"]).read_bytes(), txt, meta) for r, txt, meta in chunk))
-        rewritten += shard.rewritten
-        shard_rows.append(
-            {"bucket_id": bucket_id, "shard_index": idx, "path": rel,
-             "samples": shard.samples, "bytes": shard.bytes, "sha256": shard.sha256}
-        )
-        sample_rows += [
-            {"bucket_id": bucket_id, "shard_index": idx, "key": r["key"], "image_id": r["image_id"], "text": r["text"],
-             "caption_variant": r["caption_variant"], "caption_selector_index": r["caption_selector_index"],
-             "caption_source_id": r["caption_source_id"]}
-            for r, _, _ in chunk
-        ]
+    with StoreReader() as store:
+        for idx, (start, end) in enumerate(runs):
+            chunk = prepared[start:end]
+            rel = f"buckets/{bucket_id}/{SHARD_NAME.format(idx)}"
+            shard = stage_shard(out_dir, rel, (
+                Sample(r["key"], store.read(r["path"], r["pack_offset"], r["jpg_bytes"]), txt, meta) for r, txt, meta in chunk
+            ))
+            rewritten += shard.rewritten
+            shard_rows.append(
+                {"bucket_id": bucket_id, "shard_index": idx, "path": rel,
+                 "samples": shard.samples, "bytes": shard.bytes, "sha256": shard.sha256}
+            )
+            sample_rows += [
+                {"bucket_id": bucket_id, "shard_index": idx, "key": r["key"], "image_id": r["image_id"], "text": r["text"],
+                 "caption_variant": r["caption_variant"], "caption_selector_index": r["caption_selector_index"],
+                 "caption_source_id": r["caption_source_id"]}
+                for r, _, _ in chunk
+            ]
     return shard_rows, sample_rows, rewritten
 
 
@@ -108,7 +112,7 @@ def bucket_shards_asset(partitions: dg.PartitionsDefinition, processed_images: d
         out_dir = Path(spec.output_dir)
         all_shards, all_samples, rewritten = [], [], 0
         keys = list(context.partition_keys)
-        plan = Path(spec.work_dir) / "tmp" / f"sample-plan-{context.run_id}.parquet"
+        plan = Path(spec.work_dir) / "tmp" / f"sample-plan-{context.run.run_id}.parquet"
         with dataset.db() as con:
             # One query for every requested bucket, spilled to a file so the DB lock is not
             # held while shards are written.

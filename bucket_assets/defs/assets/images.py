@@ -1,7 +1,6 @@
 """Stage 4: processed images, partitioned by bucket (decode, resize, crop, encode, store)."""
 
 
-import os
 from pathlib import Path
 
 import dagster as dg
@@ -13,13 +12,19 @@ from bucket_assets.core.parallel import ordered_map, resolve_workers
 from bucket_assets.core.failpoints import failpoint
 from bucket_assets.core.progress import Progress
 from bucket_assets.core.processing import (
+    JOURNAL_NAME,
     Journal,
     RenderParams,
     RenderTask,
+    close_store_packs,
+    compact,
+    is_pack,
     journal_path,
+    needs_compaction,
     read_journal,
+    record_present,
     render,
-    store_path,
+    store_dir,
 )
 from bucket_assets.defs.assets.assignment import bucket_assignments
 from bucket_assets.defs.metadata import md_counts
@@ -28,7 +33,7 @@ from bucket_assets.defs.resources import DatasetResource
 PROCESSED_SCHEMA = pa.schema(
     [
         ("image_id", pa.string()), ("bucket_id", pa.string()), ("key", pa.string()), ("path", pa.string()),
-        ("fingerprint", pa.string()), ("status", pa.string()), ("error", pa.string()), ("bytes", pa.int64()),
+        ("pack_offset", pa.int64()), ("fingerprint", pa.string()), ("status", pa.string()), ("error", pa.string()), ("bytes", pa.int64()),
         ("sha256", pa.string()), ("width", pa.int32()), ("height", pa.int32()), ("subsampling", pa.int8()),
     ]
 )
@@ -45,7 +50,8 @@ def processed_images_asset(partitions: dg.PartitionsDefinition) -> dg.AssetsDefi
     )
     def processed_images(context: dg.AssetExecutionContext, dataset: DatasetResource) -> dg.MaterializeResult:
         """Each planned sample of the bucket rendered once to its final JPEG bytes in the store
-        (`work_dir/processed/<bucket>/<key>.jpg`); unchanged samples are not rendered again."""
+        (append-only packs under `work_dir/processed/<bucket>/`); unchanged samples are not
+        rendered again."""
         spec = dataset.load()
         buckets = list(context.partition_keys)
         params = RenderParams(
@@ -76,16 +82,17 @@ def processed_images_asset(partitions: dg.PartitionsDefinition) -> dg.AssetsDefi
             for key, row in read_journal(journal_path(spec.processed_dir, b)).items():
                 previous[(b, key)] = row
         tasks = [
-            RenderTask(*row[:15], out_path=store_path(spec.processed_dir, row[1], row[2]), params=params,
+            RenderTask(*row[:15], store_dir=store_dir(spec.processed_dir, row[1]), params=params,
                        orientation=row[15])
             for row in plan
         ]
         results: dict[int, dict] = {}
         todo = []
+        pack_sizes: dict[str, int] = {}
         for i, t in enumerate(tasks):
             prev = previous.get((t.bucket_id, t.key))
             if prev and prev["fingerprint"] == t.fingerprint() and (
-                prev["status"] != "ok" or _file_matches(prev["path"], prev["bytes"])
+                prev["status"] != "ok" or record_present(prev["path"], prev.get("pack_offset"), prev["bytes"], pack_sizes)
             ):
                 results[i] = prev
             else:
@@ -102,8 +109,9 @@ def processed_images_asset(partitions: dg.PartitionsDefinition) -> dg.AssetsDefi
                 progress.advance()
         finally:
             journal.close()
+            close_store_packs()
         progress.close()
-        rows = [results[i] for i in range(len(tasks))]
+        rows = _compact(spec.processed_dir, buckets, [results[i] for i in range(len(tasks))])
         with dataset.db() as con:
             replace_partitions(con, "processed_images", pa.Table.from_pylist(rows, schema=PROCESSED_SCHEMA), buckets)
         for b in buckets:
@@ -124,22 +132,36 @@ def processed_images_asset(partitions: dg.PartitionsDefinition) -> dg.AssetsDefi
     return processed_images
 
 
-def _file_matches(path: str | None, size: int | None) -> bool:
-    try:
-        return path is not None and os.path.getsize(path) == size
-    except OSError:
-        return False
+def _compact(processed_dir: Path, buckets: list[str], rows: list[dict]) -> list[dict]:
+    """Rows with the records of buckets whose packs are mostly garbage (or too many) moved
+    into one new pack each."""
+    by_bucket: dict[str, list[int]] = {}
+    for i, r in enumerate(rows):
+        by_bucket.setdefault(r["bucket_id"], []).append(i)
+    out = list(rows)
+    for b in buckets:
+        d = Path(processed_dir) / b
+        if not d.is_dir():
+            continue
+        packs = {str(p): p.stat().st_size for p in d.iterdir() if is_pack(p.name)}
+        idx = by_bucket.get(b, [])
+        mine = [rows[i] for i in idx]
+        if packs and needs_compaction(mine, packs):
+            for i, r in zip(idx, compact(str(d), mine)):
+                out[i] = r
+    return out
 
 
 def _prune_store(processed_dir: Path, buckets: list[str], keep: set[str]) -> None:
-    """Remove stored files of these buckets that no longer belong to a planned sample."""
+    """Remove the packs (and any older per-image files) of these buckets that no committed row
+    references."""
     for b in buckets:
         d = Path(processed_dir) / b
         if not d.is_dir():
             continue
         remove_stale_temps(d)
         for p in d.iterdir():
-            if str(p) not in keep:
+            if str(p) not in keep and p.name != JOURNAL_NAME:
                 p.unlink()
         if not any(d.iterdir()):
             d.rmdir()
