@@ -13,6 +13,7 @@ warnings.filterwarnings("ignore", category=dg.BetaWarning)
 
 from bucket_assets.defs.assets.assignment import bucket_assignments
 from bucket_assets.defs.assets.captions import caption_table, selected_captions
+from bucket_assets.defs.assets.downloads import url_downloads
 from bucket_assets.defs.assets.export import bucket_shards_asset, dataset_card_asset, export_manifest_asset
 from bucket_assets.defs.assets.images import processed_images_asset
 from bucket_assets.defs.assets.ingest import filtered_images, raw_index
@@ -34,7 +35,7 @@ def build_definitions(spec_path: str | None = None) -> dg.Definitions:
     export_manifest = export_manifest_asset(bucket_shards)
     dataset_card = dataset_card_asset(export_manifest)
     assets = [
-        raw_index, filtered_images, bucket_assignments, caption_table, selected_captions,
+        url_downloads, raw_index, filtered_images, bucket_assignments, caption_table, selected_captions,
         processed_images, bucket_shards, export_manifest, dataset_card,
     ]
     build_job = dg.define_asset_job(

@@ -85,7 +85,45 @@ class FolderSource(_Model):
     _name = field_validator("name")(_check_name)
 
 
-Source = Annotated[Union[WebDatasetSource, ParquetSource, FolderSource], Field(discriminator="kind")]
+class UrlColumns(_Model):
+    id: ColumnName = "id"
+    url: ColumnName = "url"
+    caption: ColumnName | None = "caption"
+    fallback_caption: ColumnName | None = None
+    similarity: ColumnName | None = None
+    nsfw: ColumnName | None = None
+    license: ColumnName | None = None
+    width: ColumnName | None = None
+    height: ColumnName | None = None
+
+
+class Download(_Model):
+    concurrency: int = Field(default=16, ge=1, le=512)
+    per_host: int = Field(default=4, ge=1, le=512)
+    timeout_s: float = Field(default=10.0, gt=0, le=3600)
+    retries: int = Field(default=3, ge=0, le=20)
+    backoff_s: float = Field(default=0.5, ge=0, le=600)  # first retry's wait; doubles per retry
+    max_backoff_s: float = Field(default=30.0, ge=0, le=3600)
+    max_bytes: int = Field(default=50_000_000, ge=1)
+    max_redirects: int = Field(default=5, ge=0, le=50)
+    user_agent: str = Field(default="bucket_assets/0.1 (dataset builder)", min_length=1, max_length=300)
+
+
+class UrlSource(_Model):
+    """Metadata parquet(s) with URLs (LAION-400M metadata, photo-concept-bucket): the images are
+    downloaded into the work dir's content-addressed store by the `url_downloads` asset."""
+
+    name: str
+    kind: Literal["urls"]
+    path: str  # a parquet file or a glob of them (read in sorted order)
+    columns: UrlColumns = UrlColumns()
+    caption_variant: str = "alt_text"
+    download: Download = Download()
+
+    _name = field_validator("name")(_check_name)
+
+
+Source = Annotated[Union[WebDatasetSource, ParquetSource, FolderSource, UrlSource], Field(discriminator="kind")]
 
 
 class Filters(_Model):
@@ -197,6 +235,10 @@ class Spec(_Model):
         return Path(self.work_dir) / "processed"
 
     @property
+    def downloads_dir(self) -> Path:
+        return Path(self.work_dir) / "downloads"
+
+    @property
     def multi_res(self) -> bool:
         return len(self.buckets.base_resolutions) > 1
 
@@ -204,14 +246,14 @@ class Spec(_Model):
         """sha256 of the settings that decide the export's content; part of the export id.
 
         Where files live (output, work, source and landing paths) and how the build runs
-        (worker count, DuckDB memory) are left out: the same inputs and settings give the same
+        (worker count, DuckDB memory, download settings) are left out: the same inputs and settings give the same
         manifest wherever and however they are built. Input content is covered by the shards'
         sha256s and the caption sources listed in the manifest."""
         d = self.model_dump(mode="json", exclude={"output_dir", "work_dir", "metadata"})
         d["image"].pop("workers", None)
         d["captions"].pop("landing_dir", None)
         for s in d["sources"]:
-            for k in ("path", "paths", "image_dir"):
+            for k in ("path", "paths", "image_dir", "download"):
                 s.pop(k, None)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
 
@@ -221,7 +263,7 @@ def _loc(loc: tuple) -> str:
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif part in ("webdataset", "parquet", "folder") and out.endswith("]"):
+        elif part in ("webdataset", "parquet", "folder", "urls") and out.endswith("]"):
             continue  # discriminator tag pydantic inserts into the path
         else:
             out += ("." if out else "") + str(part)
@@ -301,6 +343,10 @@ def check_paths(spec: Spec) -> None:
                 if not glob.glob(pattern):
                     raise SpecError(f"spec error at {where}.paths[{j}]: no file matches {pattern}")
             inputs = [os.path.dirname(p) for p in s.paths]
+        elif isinstance(s, UrlSource):
+            if not glob.glob(s.path):
+                raise SpecError(f"spec error at {where}.path: no file matches {s.path}")
+            inputs = [os.path.dirname(s.path)]
         elif isinstance(s, ParquetSource):
             if not os.path.isfile(s.path):
                 raise SpecError(f"spec error at {where}.path: file {s.path} does not exist")

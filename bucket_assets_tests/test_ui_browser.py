@@ -67,7 +67,7 @@ def test_asset_graph_and_a_partition_run_from_the_ui(make_spec, tmp_path):
     groups = {}
     for a in defs.resolve_all_asset_specs():
         groups[a.key.to_user_string()] = a.group_name
-    assert len(groups) == 9 and len(set(groups.values())) == 5
+    assert len(groups) == 10 and len(set(groups.values())) == 5
     partition = sorted(b.id for b in bucket_table(spec.buckets.base_resolutions, spec.buckets.divisible)
                        if (Path(spec.output_dir) / "buckets" / b.id).is_dir())[0]
 

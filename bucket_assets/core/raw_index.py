@@ -71,13 +71,15 @@ def _probe_task(task: tuple[str | None, str | None, int | None, int | None, int]
     return out
 
 
-def scan_all(spec: Spec) -> tuple[list[RawRecord], ScanStats]:
-    """Every record of every source, in spec order; an id in two sources is an error naming both."""
+def scan_all(spec: Spec, downloads: dict[str, dict[str, dict]] | None = None) -> tuple[list[RawRecord], ScanStats]:
+    """Every record of every source, in spec order; an id in two sources is an error naming both.
+    `downloads`: source name -> image_id -> url_downloads row, for URL sources."""
     stats = ScanStats()
     records: list[RawRecord] = []
     owner: dict[str, str] = {}
+    downloads = downloads or {}
     for source in spec.sources:
-        for rec in scan_source(source, stats, spec.captions.max_chars):
+        for rec in scan_source(source, stats, spec.captions.max_chars, downloads.get(source.name, {}), str(spec.downloads_dir)):
             prev = owner.get(rec.image_id)
             if prev is not None and prev != rec.source:
                 raise DuplicateIdError(
@@ -89,9 +91,12 @@ def scan_all(spec: Spec) -> tuple[list[RawRecord], ScanStats]:
     return records, stats
 
 
-def build_raw_index(spec: Spec, workers: int, report: Callable[[str], None] | None = None) -> tuple[pa.Table, ScanStats]:
+def build_raw_index(
+    spec: Spec, workers: int, report: Callable[[str], None] | None = None,
+    downloads: dict[str, dict[str, dict]] | None = None,
+) -> tuple[pa.Table, ScanStats]:
     """`report` receives a progress line every few seconds while the records are hashed and probed."""
-    records, stats = scan_all(spec)
+    records, stats = scan_all(spec, downloads)
     kinds = {s.name: s.kind for s in spec.sources}
     tasks = [
         (r.location, r.member, r.offset, r.size, spec.image.max_pixels)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Iterator
 
-from bucket_assets.spec import FolderSource, ParquetSource, Source, WebDatasetSource
+from bucket_assets.spec import FolderSource, ParquetSource, Source, UrlSource, WebDatasetSource
 
 
 @dataclass
@@ -44,8 +44,11 @@ class ScanStats:
         self.counts[reason] = self.counts.get(reason, 0) + n
 
 
-def scan_source(source: Source, stats: ScanStats, max_caption_chars: int) -> Iterator[RawRecord]:
-    from bucket_assets.core.sources import folder, parquet, webdataset
+def scan_source(source: Source, stats: ScanStats, max_caption_chars: int, downloads: dict[str, dict] | None = None,
+                download_store: str | None = None) -> Iterator[RawRecord]:
+    """`downloads` (image_id -> url_downloads row) and `download_store` locate a URL source's
+    fetched bytes."""
+    from bucket_assets.core.sources import folder, parquet, urls, webdataset
 
     if isinstance(source, WebDatasetSource):
         yield from webdataset.scan(source, stats, max_caption_chars)
@@ -53,6 +56,8 @@ def scan_source(source: Source, stats: ScanStats, max_caption_chars: int) -> Ite
         yield from parquet.scan(source, stats, max_caption_chars)
     elif isinstance(source, FolderSource):
         yield from folder.scan(source, stats, max_caption_chars)
+    elif isinstance(source, UrlSource):
+        yield from urls.scan(source, stats, max_caption_chars, downloads or {}, str(download_store))
     else:  # pragma: no cover - the spec's discriminator makes this unreachable
         raise TypeError(f"unknown source kind {source!r}")
 

@@ -5,22 +5,28 @@ import dagster as dg
 import pyarrow as pa
 
 from bucket_assets.core.buckets import bucket_table
-from bucket_assets.core.db import replace_table, transaction
+from bucket_assets.core.db import replace_table, table_exists, transaction
 from bucket_assets.core.filters import apply_filters
 from bucket_assets.core.parallel import resolve_workers
 from bucket_assets.core.raw_index import build_raw_index
+from bucket_assets.defs.assets.downloads import url_downloads
 from bucket_assets.defs.metadata import md_counts
 from bucket_assets.defs.resources import DatasetResource
 from bucket_assets.spec import check_paths
 
 
-@dg.asset(group_name="ingest", kinds={"duckdb"})
+@dg.asset(group_name="ingest", deps=[url_downloads], kinds={"duckdb"})
 def raw_index(context: dg.AssetExecutionContext, dataset: DatasetResource) -> dg.MaterializeResult:
     """One row per source record: where its bytes are, sha256, EXIF-corrected size, format, and
     the source's caption and metadata (url, similarity, NSFW tag, license)."""
     spec = dataset.load()
     check_paths(spec)
-    table, stats = build_raw_index(spec, resolve_workers(spec.image.workers), context.log.info)
+    downloads: dict[str, dict[str, dict]] = {}
+    with dataset.db() as con:
+        if table_exists(con, "url_downloads"):
+            for row in con.execute("SELECT * FROM url_downloads").to_arrow_table().to_pylist():
+                downloads.setdefault(row["source"], {})[row["image_id"]] = row
+    table, stats = build_raw_index(spec, resolve_workers(spec.image.workers), context.log.info, downloads)
     skips = sorted(stats.counts.items())
     with dataset.db() as con:
         with transaction(con, "raw_index"):

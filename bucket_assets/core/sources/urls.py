@@ -1,0 +1,116 @@
+"""URL lists: metadata parquet(s) with an id and a URL per image (LAION-400M metadata,
+photo-concept-bucket). `url_requests` lists what to fetch; `scan` turns each row into a record
+located at its downloaded bytes, or carrying the download's failure reason as its issue."""
+
+from __future__ import annotations
+
+import glob
+from typing import Iterator
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from bucket_assets.core.captions import as_float, clean_caption
+from bucket_assets.core.download import blob_path
+from bucket_assets.core.sources import RawRecord, ScanStats
+from bucket_assets.core.sources.parquet import SourceError, _int, _text
+from bucket_assets.spec import UrlSource
+
+_NUMERIC = ("width", "height")
+
+
+def files(source: UrlSource) -> list[str]:
+    found = sorted(glob.glob(source.path))
+    if not found:
+        raise SourceError(f"source {source.name}: no parquet matches {source.path}")
+    return found
+
+
+def _check_schema(source: UrlSource, path: str) -> list[str]:
+    try:
+        schema = pq.read_schema(path)
+    except Exception as exc:  # noqa: BLE001
+        raise SourceError(f"source {source.name}: cannot read parquet {path}: {exc}") from None
+    cols = source.columns
+    for role, col in cols.model_dump().items():
+        if col is not None and col not in schema.names:
+            raise SourceError(f"source {source.name}: {path} has no column {col!r} (columns.{role})")
+    t = schema.field(cols.id).type
+    if not (pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_integer(t)):
+        raise SourceError(f"source {source.name}: column {cols.id!r} (columns.id) must be string or integer, got {t}")
+    t = schema.field(cols.url).type
+    if not (pa.types.is_string(t) or pa.types.is_large_string(t)):
+        raise SourceError(f"source {source.name}: column {cols.url!r} (columns.url) must be string, got {t}")
+    for role in _NUMERIC:
+        col = getattr(cols, role)
+        if col is not None and not (pa.types.is_integer(schema.field(col).type) or pa.types.is_floating(schema.field(col).type)):
+            raise SourceError(f"source {source.name}: column {col!r} (columns.{role}) must be numeric, got {schema.field(col).type}")
+    return [c for c in cols.model_dump().values() if c is not None]
+
+
+def _rows(source: UrlSource) -> Iterator[dict]:
+    for path in files(source):
+        names = sorted(set(_check_schema(source, path)))
+        pf = pq.ParquetFile(path)
+        for batch in pf.iter_batches(batch_size=65536, columns=names):
+            data = {n: batch.column(n).to_pylist() for n in names}
+            for i in range(batch.num_rows):
+                yield {n: data[n][i] for n in names}
+
+
+def url_requests(source: UrlSource, stats: ScanStats | None = None) -> Iterator[tuple[str, str]]:
+    """(image_id, url) for every row with an id, in file then row order."""
+    cols = source.columns
+    seen: set[str] = set()
+    for row in _rows(source):
+        if row[cols.id] is None or str(row[cols.id]) in seen:
+            continue
+        seen.add(str(row[cols.id]))
+        url = row[cols.url]
+        yield str(row[cols.id]), url if isinstance(url, str) else ""
+
+
+def scan(source: UrlSource, stats: ScanStats, max_caption_chars: int, downloads: dict[str, dict],
+         store: str) -> Iterator[RawRecord]:
+    """`downloads`: image_id -> the url_downloads row for this source."""
+    cols = source.columns
+    seen: set[str] = set()
+    for row in _rows(source):
+        raw_id = row[cols.id]
+        if raw_id is None:
+            stats.add("null_id")
+            continue
+        image_id = str(raw_id)
+        if image_id in seen:  # the first row with an id is the one fetched and indexed
+            stats.add("duplicate_id")
+            continue
+        seen.add(image_id)
+        rec = RawRecord(image_id=image_id, source=source.name, location=None, meta=row)
+        rec.url = _text(row[cols.url])
+        got = downloads.get(image_id)
+        if got is None or got["url"] != (rec.url or ""):
+            rec.issue, rec.issue_detail = "not_downloaded", "no download result for this URL: materialize url_downloads"
+        elif got["status"] != "ok":
+            rec.issue, rec.issue_detail = got["status"], got["detail"]
+        else:
+            rec.location = str(blob_path(store, got["sha256"]))
+        if cols.caption:
+            rec.caption, flags = clean_caption(_text(row[cols.caption]), max_caption_chars)
+            rec.caption_field = cols.caption
+            rec.notes.extend(flags)
+        if not rec.caption and cols.fallback_caption:
+            fb, flags = clean_caption(_text(row[cols.fallback_caption]), max_caption_chars)
+            if fb:
+                rec.caption, rec.caption_field = fb, cols.fallback_caption
+                rec.notes.extend(flags)
+        if cols.similarity:
+            rec.similarity, bad = as_float(row[cols.similarity])
+            if bad:
+                rec.notes.append("invalid_similarity")
+        if cols.nsfw:
+            rec.nsfw = _text(row[cols.nsfw])
+        if cols.license:
+            rec.license = _text(row[cols.license])
+        if cols.width and cols.height:
+            rec.orig_w, rec.orig_h = _int(row[cols.width]), _int(row[cols.height])
+        yield rec

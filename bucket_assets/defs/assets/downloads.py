@@ -1,0 +1,75 @@
+"""Stage 0: URL sources fetched into the work dir's content-addressed store."""
+
+
+import dagster as dg
+import pyarrow as pa
+
+from bucket_assets.core.db import replace_table, table_exists, transaction
+from bucket_assets.core.download import DownloadSettings, download_all, read_journal, reusable
+from bucket_assets.core.progress import Progress
+from bucket_assets.core.sources.urls import url_requests
+from bucket_assets.defs.metadata import md_counts
+from bucket_assets.defs.resources import DatasetResource
+from bucket_assets.spec import UrlSource, check_paths
+
+URL_DOWNLOADS_SCHEMA = pa.schema(
+    [
+        ("source", pa.string()), ("image_id", pa.string()), ("url", pa.string()), ("status", pa.string()),
+        ("detail", pa.string()), ("http_status", pa.int32()), ("sha256", pa.string()), ("bytes", pa.int64()),
+        ("content_type", pa.string()), ("attempts", pa.int32()), ("final_url", pa.string()),
+    ]
+)
+
+
+def settings_for(source: UrlSource) -> DownloadSettings:
+    return DownloadSettings(**source.download.model_dump())
+
+
+@dg.asset(group_name="ingest", kinds={"duckdb"})
+def url_downloads(context: dg.AssetExecutionContext, dataset: DatasetResource) -> dg.MaterializeResult:
+    """One row per URL of every `urls` source: ok with the sha256 of the bytes stored under
+    `work_dir/downloads/`, or the reason it could not be fetched (http_404, timeout, too_large,
+    not_an_image, ...). A rerun fetches only URLs with no result or a retryable failure."""
+    spec = dataset.load()
+    check_paths(spec)
+    sources = [s for s in spec.sources if isinstance(s, UrlSource)]
+    store = spec.downloads_dir
+    previous: dict[str, dict[str, dict]] = {s.name: {} for s in sources}
+    if sources:
+        with dataset.db() as con:
+            if table_exists(con, "url_downloads"):
+                for row in con.execute("SELECT * FROM url_downloads").to_arrow_table().to_pylist():
+                    previous.setdefault(row["source"], {})[row["image_id"]] = row
+    rows, fetched_counts = [], {}
+    for src in sources:
+        journal = store / f".journal-{src.name}.jsonl"
+        prev = previous[src.name]
+        for (image_id, _url), row in read_journal(journal).items():  # results a killed run fetched
+            prev[image_id] = row
+        items = list(url_requests(src))
+        settings = settings_for(src)
+        todo = sum(not reusable(prev.get(iid), url, store) for iid, url in items)
+        context.log.info(f"source {src.name}: {len(items)} URLs; fetching {todo}, reusing {len(items) - todo}")
+        progress = Progress(f"url_downloads: {src.name} URLs fetched", todo, context.log.info)
+        got = download_all(items, store, settings, prev, journal, on_fetched=lambda _row: progress.advance())
+        progress.close()
+        fetched_counts[src.name] = todo
+        rows += [{"source": src.name, **{k: r.get(k) for k in URL_DOWNLOADS_SCHEMA.names if k != "source"}} for r in got]
+    table = pa.Table.from_pylist(rows, schema=URL_DOWNLOADS_SCHEMA)
+    with dataset.db() as con:
+        with transaction(con, "url_downloads"):
+            replace_table(con, "url_downloads", table)
+    for src in sources:
+        (store / f".journal-{src.name}.jsonl").unlink(missing_ok=True)
+    statuses: dict[str, int] = {}
+    for r in rows:
+        statuses[r["status"]] = statuses.get(r["status"], 0) + 1
+    return dg.MaterializeResult(
+        metadata={
+            "dagster/row_count": len(rows),
+            "fetched": sum(fetched_counts.values()),
+            "reused": len(rows) - sum(fetched_counts.values()),
+            "bytes_stored": sum(r["bytes"] or 0 for r in rows if r["status"] == "ok"),
+            "statuses": md_counts(sorted(statuses.items(), key=lambda kv: (-kv[1], kv[0]))),
+        }
+    )
