@@ -3,6 +3,7 @@ bucket table decides the partitions, so it is read when this module is loaded.""
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import dagster as dg
@@ -19,11 +20,15 @@ from bucket_assets.defs.assets.images import processed_images_asset
 from bucket_assets.defs.assets.ingest import filtered_images, raw_index
 from bucket_assets.defs.checks import build_checks
 from bucket_assets.defs.partitions import bucket_partitions
-from bucket_assets.defs.resources import DatasetResource
+from bucket_assets.defs.resources import ComputeResource, DatasetResource
+from bucket_assets.distributed import BROKER_ENV
 from bucket_assets.defs.sensors import caption_change_sensor, caption_landing_sensor
 from bucket_assets.spec import load_spec, resolve_spec_path
 
 BUILD_JOB = "build_export"
+# Shared storage for a distributed build, without touching the spec.
+OUTPUT_DIR_ENV = "BUCKET_ASSETS_OUTPUT_DIR"
+WORK_DIR_ENV = "BUCKET_ASSETS_WORK_DIR"
 
 
 def build_definitions(spec_path: str | None = None) -> dg.Definitions:
@@ -49,7 +54,14 @@ def build_definitions(spec_path: str | None = None) -> dg.Definitions:
         asset_checks=build_checks(filtered_images, export_manifest),
         jobs=[build_job],
         sensors=[caption_landing_sensor, caption_change_sensor],
-        resources={"dataset": DatasetResource(spec_path=spec_path)},
+        resources={
+            "dataset": DatasetResource(
+                spec_path=spec_path,
+                output_dir=os.environ.get(OUTPUT_DIR_ENV) or None,
+                work_dir=os.environ.get(WORK_DIR_ENV) or None,
+            ),
+            "compute": ComputeResource(celery_broker=os.environ.get(BROKER_ENV) or None),
+        },
     )
 
 

@@ -244,11 +244,14 @@ def download_all(
     journal: str | os.PathLike | None = None,
     sleep: Callable[[float], None] = time.sleep,
     on_fetched: Callable[[dict], None] | None = None,
+    fetch_many: Callable[[list[tuple[str, str]]], Iterable[dict]] | None = None,
 ) -> list[dict]:
     """One result row per (image_id, url), in input order. `previous` (image_id -> row) rows
     that are reusable are kept as they are; the rest are fetched, with at most a few times
     `concurrency` requests queued at once (memory stays flat however many URLs there are).
-    Fetched results are appended to `journal` as they complete; `on_fetched` sees each."""
+    Fetched results are appended to `journal` as they complete; `on_fetched` sees each.
+    `fetch_many` (the todo (image_id, url) list -> rows in order) fetches elsewhere, e.g. on
+    Celery workers; by default this process's threads fetch."""
     previous = previous or {}
     items = list(items)
     dl = Downloader(store, settings, sleep)
@@ -259,20 +262,27 @@ def download_all(
         Path(journal).parent.mkdir(parents=True, exist_ok=True)
         jf = open(journal, "a", encoding="utf-8")
     window = 4 * settings.concurrency
+
+    def record(i: int, row: dict) -> None:
+        fetched[i] = row
+        if jf is not None:
+            jf.write(json.dumps(row, sort_keys=True) + "\n")
+            jf.flush()
+        if on_fetched is not None:
+            on_fetched(row)
+
     try:
+        if fetch_many is not None:
+            for (i, _iid, _url), row in zip(todo, fetch_many([(iid, url) for _, iid, url in todo])):
+                record(i, row)
+            todo = []
         with ThreadPoolExecutor(max_workers=settings.concurrency) as pool:
             pending: dict = {}
             queue = iter(todo)
 
             def done(futs) -> None:
                 for fut in futs:
-                    row = asdict(fut.result())
-                    fetched[pending.pop(fut)] = row
-                    if jf is not None:
-                        jf.write(json.dumps(row, sort_keys=True) + "\n")
-                        jf.flush()
-                    if on_fetched is not None:
-                        on_fetched(row)
+                    record(pending.pop(fut), asdict(fut.result()))
 
             for i, iid, url in queue:
                 pending[pool.submit(dl.fetch, iid, url)] = i

@@ -20,7 +20,7 @@ from typing import Iterable
 
 from bucket_assets.core.atomic import atomic_writer
 from bucket_assets.core.failpoints import failpoint
-from bucket_assets.core.shards import Sample, ShardFile, write_shard
+from bucket_assets.core.shards import Sample, ShardFile, caption_txt, sample_meta, write_shard
 
 STAGING = ".staging"
 
@@ -44,6 +44,21 @@ def stage_shard(out_dir: str | os.PathLike, rel: str, samples: Iterable[Sample])
     if shard.rewritten:
         os.replace(target, _staged(out, rel, shard.sha256))
     return shard
+
+
+def stage_planned_shard(plan: dict) -> dict:
+    """stage_shard for one planned shard: {out_dir, rel, bucket_id, rows (sample-plan rows)},
+    its JPEG bytes read from the processed-image store. A plain dict in and out, so a Celery
+    worker can run it."""
+    from bucket_assets.core.processing import StoreReader
+
+    with StoreReader() as store:
+        shard = stage_shard(plan["out_dir"], plan["rel"], (
+            Sample(r["key"], store.read(r["path"], r["pack_offset"], r["jpg_bytes"]), caption_txt(r["text"]),
+                   sample_meta(r, plan["bucket_id"]))
+            for r in plan["rows"]
+        ))
+    return {"samples": shard.samples, "bytes": shard.bytes, "sha256": shard.sha256, "rewritten": shard.rewritten}
 
 
 def publish(out_dir: str | os.PathLike, shards: Iterable[tuple[str, str]], manifest_name: str,

@@ -196,6 +196,28 @@ def read_shard(path: str | os.PathLike) -> Iterator[tuple[str, dict[str, bytes]]
         yield current, parts
 
 
+def sample_meta(row: dict, bucket_id: str) -> bytes:
+    """A sample's .json from its row of the sample plan."""
+    return sample_json(
+        {
+            "bucket_id": bucket_id,
+            "caption_selector_index": row["caption_selector_index"],
+            "caption_source_id": row["caption_source_id"],
+            "caption_variant": row["caption_variant"],
+            "image_id": row["image_id"],
+            "license": row["license"],
+            "nsfw": row["nsfw"],
+            "similarity": row["similarity"],
+            "source": row["source"],
+            "src_h": row["src_h"],
+            "src_w": row["src_w"],
+            "target_h": row["target_h"],
+            "target_w": row["target_w"],
+            "url": row["url"],
+        }
+    )
+
+
 # The ordered sample list of each bucket: what its shards will hold.
 SAMPLE_PLAN_SQL = """
 SELECT p.bucket_id, p.bytes AS jpg_bytes, p.key, p.path, p.pack_offset, p.image_id, r.source, a.src_w, a.src_h,

@@ -9,7 +9,8 @@ from bucket_assets.core.download import DownloadSettings, download_all, read_jou
 from bucket_assets.core.progress import Progress
 from bucket_assets.core.sources.urls import url_requests
 from bucket_assets.defs.metadata import md_counts
-from bucket_assets.defs.resources import DatasetResource
+from bucket_assets.defs.resources import ComputeResource, DatasetResource
+from bucket_assets.distributed import CeleryCompute
 from bucket_assets.spec import UrlSource, check_paths
 
 URL_DOWNLOADS_SCHEMA = pa.schema(
@@ -26,7 +27,7 @@ def settings_for(source: UrlSource) -> DownloadSettings:
 
 
 @dg.asset(group_name="ingest", kinds={"duckdb"})
-def url_downloads(context: dg.AssetExecutionContext, dataset: DatasetResource) -> dg.MaterializeResult:
+def url_downloads(context: dg.AssetExecutionContext, dataset: DatasetResource, compute: ComputeResource) -> dg.MaterializeResult:
     """One row per URL of every `urls` source: ok with the sha256 of the bytes stored under
     `work_dir/downloads/`, or the reason it could not be fetched (http_404, timeout, too_large,
     not_an_image, ...). A rerun fetches only URLs with no result or a retryable failure."""
@@ -51,7 +52,13 @@ def url_downloads(context: dg.AssetExecutionContext, dataset: DatasetResource) -
         todo = sum(not reusable(prev.get(iid), url, store) for iid, url in items)
         context.log.info(f"source {src.name}: {len(items)} URLs; fetching {todo}, reusing {len(items) - todo}")
         progress = Progress(f"url_downloads: {src.name} URLs fetched", todo, context.log.info)
-        got = download_all(items, store, settings, prev, journal, on_fetched=lambda _row: progress.advance())
+        engine = compute.engine(1)
+        fetch_many = None
+        if isinstance(engine, CeleryCompute):
+            def fetch_many(todo, settings=settings):
+                return engine.map("fetch", [(iid, url, str(store), settings) for iid, url in todo])
+        got = download_all(items, store, settings, prev, journal, on_fetched=lambda _row: progress.advance(),
+                           fetch_many=fetch_many)
         progress.close()
         fetched_counts[src.name] = todo
         rows += [{"source": src.name, **{k: r.get(k) for k in URL_DOWNLOADS_SCHEMA.names if k != "source"}} for r in got]

@@ -14,22 +14,21 @@ from bucket_assets.core.buckets import bucket_table
 from bucket_assets.core.card import render_card
 from bucket_assets.core.db import replace_partitions, table_exists
 from bucket_assets.core.manifest import MANIFEST_NAME, build_manifest, dumps, same_content
-from bucket_assets.core.processing import StoreReader
 from bucket_assets.core.pictures import CHART_NAME, SHEETS_DIR, bucket_chart_png, contact_sheet_png, first_samples, sheet_path
 from bucket_assets.core.progress import Progress
-from bucket_assets.core.publish import publish, stage_shard, staging_dir
+from bucket_assets.core.publish import publish, staging_dir
 from bucket_assets.core.shards import (
     SHARD_NAME,
-    Sample,
     caption_txt,
     plan_shards,
-    sample_json,
     read_sample_plan,
+    sample_meta,
     sample_tar_bytes,
     write_sample_plan,
 )
+from bucket_assets.distributed import LocalCompute
 from bucket_assets.defs.assets.captions import caption_table, selected_captions
-from bucket_assets.defs.resources import DatasetResource
+from bucket_assets.defs.resources import ComputeResource, DatasetResource
 
 SHARD_FILES_SCHEMA = pa.schema(
     [("bucket_id", pa.string()), ("shard_index", pa.int32()), ("path", pa.string()),
@@ -43,54 +42,35 @@ SHARD_SAMPLES_SCHEMA = pa.schema(
      ("caption_source_id", pa.int32())]
 )
 
-def _meta(row: dict, bucket_id: str) -> bytes:
-    return sample_json(
-        {
-            "bucket_id": bucket_id,
-            "caption_selector_index": row["caption_selector_index"],
-            "caption_source_id": row["caption_source_id"],
-            "caption_variant": row["caption_variant"],
-            "image_id": row["image_id"],
-            "license": row["license"],
-            "nsfw": row["nsfw"],
-            "similarity": row["similarity"],
-            "source": row["source"],
-            "src_h": row["src_h"],
-            "src_w": row["src_w"],
-            "target_h": row["target_h"],
-            "target_w": row["target_w"],
-            "url": row["url"],
-        }
-    )
-
-
-def write_bucket(out_dir: Path, bucket_id: str, rows: list[dict], max_samples: int, max_bytes: int):
+def write_bucket(out_dir: Path, bucket_id: str, rows: list[dict], max_samples: int, max_bytes: int, compute=None):
     """Stage one bucket's shards (core.publish); shards whose published file already holds the
-    same bytes are not written. Returns (shard rows, sample rows, files staged). JPEG bytes are
-    read from the store as each shard is written, so memory stays at one shard's metadata."""
+    same bytes are not written. Returns (shard rows, sample rows, files staged). Each shard is
+    one task (`compute`: in process, or Celery workers), reading its JPEG bytes from the store,
+    so a large bucket's shards are written in parallel and memory stays at one shard's data."""
     remove_stale_temps(staging_dir(out_dir) / "buckets" / bucket_id)
-    prepared = [(r, caption_txt(r["text"]), _meta(r, bucket_id)) for r in rows]
-    sizes = [sample_tar_bytes(int(r["jpg_bytes"]), len(txt), len(meta)) for r, txt, meta in prepared]
+    sizes = [
+        sample_tar_bytes(int(r["jpg_bytes"]), len(caption_txt(r["text"])), len(sample_meta(r, bucket_id))) for r in rows
+    ]
     runs = plan_shards(sizes, max_samples, max_bytes)
+    plans = [
+        {"out_dir": str(out_dir), "rel": f"buckets/{bucket_id}/{SHARD_NAME.format(idx)}", "bucket_id": bucket_id,
+         "rows": rows[start:end]}
+        for idx, (start, end) in enumerate(runs)
+    ]
     shard_rows, sample_rows, rewritten = [], [], 0
-    with StoreReader() as store:
-        for idx, (start, end) in enumerate(runs):
-            chunk = prepared[start:end]
-            rel = f"buckets/{bucket_id}/{SHARD_NAME.format(idx)}"
-            shard = stage_shard(out_dir, rel, (
-                Sample(r["key"], store.read(r["path"], r["pack_offset"], r["jpg_bytes"]), txt, meta) for r, txt, meta in chunk
-            ))
-            rewritten += shard.rewritten
-            shard_rows.append(
-                {"bucket_id": bucket_id, "shard_index": idx, "path": rel,
-                 "samples": shard.samples, "bytes": shard.bytes, "sha256": shard.sha256}
-            )
-            sample_rows += [
-                {"bucket_id": bucket_id, "shard_index": idx, "key": r["key"], "image_id": r["image_id"], "text": r["text"],
-                 "caption_variant": r["caption_variant"], "caption_selector_index": r["caption_selector_index"],
-                 "caption_source_id": r["caption_source_id"]}
-                for r, _, _ in chunk
-            ]
+    results = (compute or LocalCompute(1)).map("shard", plans)
+    for idx, (plan, shard) in enumerate(zip(plans, results)):
+        rewritten += shard["rewritten"]
+        shard_rows.append(
+            {"bucket_id": bucket_id, "shard_index": idx, "path": plan["rel"],
+             "samples": shard["samples"], "bytes": shard["bytes"], "sha256": shard["sha256"]}
+        )
+        sample_rows += [
+            {"bucket_id": bucket_id, "shard_index": idx, "key": r["key"], "image_id": r["image_id"], "text": r["text"],
+             "caption_variant": r["caption_variant"], "caption_selector_index": r["caption_selector_index"],
+             "caption_source_id": r["caption_source_id"]}
+            for r in plan["rows"]
+        ]
     return shard_rows, sample_rows, rewritten
 
 
@@ -103,7 +83,9 @@ def bucket_shards_asset(partitions: dg.PartitionsDefinition, processed_images: d
         backfill_policy=dg.BackfillPolicy.single_run(),
         kinds={"webdataset"},
     )
-    def bucket_shards(context: dg.AssetExecutionContext, dataset: DatasetResource) -> dg.MaterializeResult:
+    def bucket_shards(
+        context: dg.AssetExecutionContext, dataset: DatasetResource, compute: ComputeResource
+    ) -> dg.MaterializeResult:
         """`buckets/<bucket_id>/shard-NNNNNN.tar`: uncompressed USTAR, <key>.jpg/.txt/.json per
         sample, sorted by key, split by shards.max_samples / max_bytes. Reads stored JPEG bytes:
         no image is decoded or encoded here. Changed shards are staged; `export_manifest`
@@ -120,10 +102,12 @@ def bucket_shards_asset(partitions: dg.PartitionsDefinition, processed_images: d
             if has_plan:
                 write_sample_plan(con, keys, plan)
         progress = Progress("bucket_shards: buckets written", len(keys), context.log.info)
+        engine = compute.engine(1)
         try:
             for bucket_id in keys:
                 rows = read_sample_plan(plan, bucket_id) if has_plan else []
-                s_rows, smp_rows, n = write_bucket(out_dir, bucket_id, rows, spec.shards.max_samples, spec.shards.max_bytes)
+                s_rows, smp_rows, n = write_bucket(out_dir, bucket_id, rows, spec.shards.max_samples, spec.shards.max_bytes,
+                                                   engine)
                 all_shards += s_rows
                 all_samples += smp_rows
                 rewritten += n

@@ -8,7 +8,7 @@ import pyarrow as pa
 
 from bucket_assets.core.atomic import remove_stale_temps
 from bucket_assets.core.db import replace_partitions, table_exists
-from bucket_assets.core.parallel import ordered_map, resolve_workers
+from bucket_assets.core.parallel import resolve_workers
 from bucket_assets.core.failpoints import failpoint
 from bucket_assets.core.progress import Progress
 from bucket_assets.core.processing import (
@@ -23,12 +23,11 @@ from bucket_assets.core.processing import (
     needs_compaction,
     read_journal,
     record_present,
-    render,
     store_dir,
 )
 from bucket_assets.defs.assets.assignment import bucket_assignments
 from bucket_assets.defs.metadata import md_counts
-from bucket_assets.defs.resources import DatasetResource
+from bucket_assets.defs.resources import ComputeResource, DatasetResource
 
 PROCESSED_SCHEMA = pa.schema(
     [
@@ -48,7 +47,9 @@ def processed_images_asset(partitions: dg.PartitionsDefinition) -> dg.AssetsDefi
         backfill_policy=dg.BackfillPolicy.single_run(),
         kinds={"torch", "pillow"},
     )
-    def processed_images(context: dg.AssetExecutionContext, dataset: DatasetResource) -> dg.MaterializeResult:
+    def processed_images(
+        context: dg.AssetExecutionContext, dataset: DatasetResource, compute: ComputeResource
+    ) -> dg.MaterializeResult:
         """Each planned sample of the bucket rendered once to its final JPEG bytes in the store
         (append-only packs under `work_dir/processed/<bucket>/`); unchanged samples are not
         rendered again."""
@@ -102,7 +103,7 @@ def processed_images_asset(partitions: dg.PartitionsDefinition) -> dg.AssetsDefi
         journal = Journal(spec.processed_dir)
         progress = Progress("processed_images: images rendered", len(todo), context.log.info)
         try:
-            for i, res in zip(todo, ordered_map(render, [tasks[i] for i in todo], workers, chunksize=4)):
+            for i, res in zip(todo, compute.engine(workers).map("render", [tasks[i] for i in todo])):
                 results[i] = res
                 journal.append(res)
                 failpoint("rendered")

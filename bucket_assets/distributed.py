@@ -1,0 +1,140 @@
+"""Scaling out: the heavy per-item work of a step (rendering images, fetching URLs, writing
+shards) as Celery tasks that any number of worker machines run.
+
+One Dagster run coordinates: it plans, sends chunks of items to the broker, gathers the results
+in input order (so the output does not depend on which worker did what), journals them and is
+the only process that writes the DuckDB catalog. Workers need the package, the broker URL and
+the same paths (shared storage mounted at the same place); they never touch DuckDB or the Dagster
+instance. Messages are JSON: a worker runs only the functions registered below.
+
+    export BUCKET_ASSETS_CELERY_BROKER=redis://broker-host:6379/0
+    celery -A bucket_assets.distributed worker --concurrency 8     # on every worker machine
+    bucket-assets build                                            # on the coordinator
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Callable, Iterator, Sequence
+
+BROKER_ENV = "BUCKET_ASSETS_CELERY_BROKER"
+CHUNK_ENV = "BUCKET_ASSETS_CELERY_CHUNK"
+
+
+# name -> (function of a chunk of items, item -> JSON, JSON -> item). Only these run on workers.
+def _render_codec():
+    from bucket_assets.core.processing import RenderParams, RenderTask, render
+
+    def run(tasks: list[RenderTask]) -> list[dict]:
+        return [render(t) for t in tasks]
+
+    def dec(d: dict) -> RenderTask:
+        return RenderTask(**{**d, "params": RenderParams(**d["params"])})
+
+    return run, dataclasses.asdict, dec
+
+
+def _fetch_codec():
+    from bucket_assets.core.download import DownloadSettings, download_all
+
+    def run(items: list[tuple]) -> list[dict]:
+        # One chunk shares its store and settings; its URLs are fetched concurrently.
+        store, settings = items[0][2], items[0][3]
+        return download_all([(i, u) for i, u, _, _ in items], store, settings)
+
+    def enc(item) -> dict:
+        image_id, url, store, settings = item
+        return {"image_id": image_id, "url": url, "store": str(store), "settings": dataclasses.asdict(settings)}
+
+    def dec(d: dict) -> tuple:
+        return d["image_id"], d["url"], d["store"], DownloadSettings(**d["settings"])
+
+    return run, enc, dec
+
+
+def _shard_codec():
+    from bucket_assets.core.publish import stage_planned_shard
+
+    def run(items: list[dict]) -> list[dict]:
+        return [stage_planned_shard(d) for d in items]
+
+    return run, (lambda d: d), (lambda d: d)
+
+
+FUNCTIONS: dict[str, Callable] = {"render": _render_codec, "fetch": _fetch_codec, "shard": _shard_codec}
+
+
+def run_chunk(name: str, payload: list[dict]) -> list:
+    run, _enc, dec = FUNCTIONS[name]()
+    return run([dec(d) for d in payload])
+
+
+def _make_app(broker: str | None):
+    from celery import Celery
+    from celery.signals import worker_process_init
+
+    app = Celery("bucket_assets", broker=broker, backend=broker)
+    app.conf.update(
+        task_serializer="json", result_serializer="json", accept_content=["json"],
+        task_acks_late=True,  # a worker that dies mid-chunk leaves it for another
+        worker_prefetch_multiplier=1,  # chunks go to idle workers, not to the first to ask
+        result_expires=24 * 3600,
+        broker_connection_retry_on_startup=True,
+    )
+
+    @worker_process_init.connect
+    def _one_torch_thread(**_kw):
+        from bucket_assets.core.parallel import _init_worker
+
+        _init_worker()
+
+    @app.task(name="bucket_assets.run_chunk")
+    def run_chunk_task(name: str, payload: list[dict]) -> list:
+        return run_chunk(name, payload)
+
+    return app
+
+
+# `celery -A bucket_assets.distributed worker` finds this.
+app = _make_app(os.environ.get(BROKER_ENV)) if os.environ.get(BROKER_ENV) else None
+
+
+class CeleryCompute:
+    """Ordered map over Celery workers: chunks of `chunk` items, at most `window` chunks queued."""
+
+    def __init__(self, broker: str, chunk: int = 16, window: int = 64, timeout_s: float = 3600.0):
+        self.app = app if app is not None and app.conf.broker_url == broker else _make_app(broker)
+        self.chunk, self.window, self.timeout_s = chunk, window, timeout_s
+
+    def map(self, name: str, items: Sequence) -> Iterator:
+        _run, enc, _dec = FUNCTIONS[name]()
+        task = self.app.tasks["bucket_assets.run_chunk"]
+        chunks = [list(items[i:i + self.chunk]) for i in range(0, len(items), self.chunk)]
+        pending = []
+        it = iter(chunks)
+        for c in it:
+            pending.append(task.apply_async((name, [enc(x) for x in c])))
+            if len(pending) >= self.window:
+                yield from pending.pop(0).get(timeout=self.timeout_s)
+        for r in pending:
+            yield from r.get(timeout=self.timeout_s)
+
+
+class LocalCompute:
+    """The same interface on this machine: renders on the process pool, fetches on threads,
+    shards in process."""
+
+    def __init__(self, workers: int):
+        self.workers = workers
+
+    def map(self, name: str, items: Sequence) -> Iterator:
+        from bucket_assets.core.parallel import ordered_map
+        from bucket_assets.core.processing import render
+
+        if name == "render":
+            yield from ordered_map(render, list(items), self.workers, chunksize=4)
+        else:
+            run, _enc, _dec = FUNCTIONS[name]()
+            if items:
+                yield from run(list(items))

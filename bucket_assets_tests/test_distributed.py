@@ -1,0 +1,135 @@
+"""The distributed build on a real engine: Redis (Debian's redis-server) as Celery's broker and
+result backend, started here on 127.0.0.1, and two Celery worker processes. The build of the
+sample spec, coordinated by `bucket-assets build` with its export and work dirs moved by the
+resource (env) to other paths, must equal the single-machine build byte for byte.
+
+Skipped without redis-server, unless BUCKET_ASSETS_REQUIRE_ENGINE=1 (.ci/run sets it)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from bucket_assets.core.manifest import VOLATILE_FIELDS, verify_export
+from bucket_assets.distributed import BROKER_ENV
+from bucket_assets_tests.conftest import free_port, run_cli, spec_dict, wait_for
+
+REQUIRED = os.environ.get("BUCKET_ASSETS_REQUIRE_ENGINE") == "1"
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory):
+    redis = shutil.which("redis-server")
+    try:
+        import celery  # noqa: F401
+    except ImportError:
+        celery = None
+    if not redis or celery is None:
+        if REQUIRED:
+            pytest.fail("redis-server and celery are required here (BUCKET_ASSETS_REQUIRE_ENGINE=1)")
+        pytest.skip("redis-server or celery not installed")
+    d = tmp_path_factory.mktemp("engine")
+    port = free_port()
+    server = subprocess.Popen([redis, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                               "--dir", str(d)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    broker = f"redis://127.0.0.1:{port}/0"
+    workers = []
+    try:
+        import redis as redis_client
+
+        def up() -> bool:
+            try:
+                return bool(redis_client.Redis(host="127.0.0.1", port=port).ping())
+            except redis_client.exceptions.ConnectionError:
+                return False
+
+        wait_for(up, 20, "redis-server", server)
+        env = {**os.environ, BROKER_ENV: broker}
+        for name in ("w1", "w2"):
+            log = open(d / f"{name}.log", "w")
+            workers.append(subprocess.Popen(
+                [sys.executable, "-m", "celery", "-A", "bucket_assets.distributed", "worker", "--concurrency", "1",
+                 "--pool", "prefork", "-n", f"{name}@%h", "--loglevel", "INFO", "--without-gossip", "--without-mingle"],
+                env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+        from celery import Celery
+
+        probe = Celery(broker=broker, backend=broker)
+        wait_for(lambda: len(probe.control.ping(timeout=1.0) or []) >= 2, 90, "two Celery workers")
+        yield {"broker": broker, "dir": d, "workers": workers}
+    finally:
+        for w in workers:
+            try:
+                os.killpg(w.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        for w in workers:
+            try:
+                w.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(w.pid, signal.SIGKILL)
+        server.terminate()
+        server.wait(timeout=10)
+
+
+def _shards(export: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(export)): p.read_bytes() for p in sorted(export.rglob("shard-*.tar"))}
+
+
+def _manifest(export: Path) -> dict:
+    m = json.loads((export / "manifest.json").read_text(encoding="utf-8"))
+    return {k: v for k, v in m.items() if k not in VOLATILE_FIELDS}
+
+
+def test_celery_build_equals_the_single_machine_build(engine, sample_root, tmp_path):
+    single = tmp_path / "single"
+    single.mkdir()
+    (single / "spec.yaml").write_text(yaml.safe_dump(spec_dict(sample_root, single, **{"image.workers": 1})))
+    res = run_cli("build", "--spec", str(single / "spec.yaml"), env={"DAGSTER_HOME": str(single / "home")})
+    assert res.returncode == 0, res.stderr[-3000:]
+
+    dist = tmp_path / "dist"
+    dist.mkdir()
+    # The same spec file content; only the resource (env) moves the dirs to "shared storage".
+    (dist / "spec.yaml").write_text((single / "spec.yaml").read_text())
+    shared = tmp_path / "shared"
+    env = {"DAGSTER_HOME": str(dist / "home"), BROKER_ENV: engine["broker"],
+           "BUCKET_ASSETS_OUTPUT_DIR": str(shared / "export"), "BUCKET_ASSETS_WORK_DIR": str(shared / "work")}
+    t = time.monotonic()
+    res = run_cli("build", "--spec", str(dist / "spec.yaml"), env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert str(shared / "export") in res.stdout
+    assert time.monotonic() - t < 300
+    assert not (single / "export").samefile(shared / "export")
+    verify_export(shared / "export")
+    assert _shards(shared / "export") == _shards(single / "export")
+    assert _manifest(shared / "export") == _manifest(single / "export")
+
+    # The pixels were rendered by the two worker processes, not by the coordinator.
+    pids = {p.name.split("-")[1] for p in (shared / "work" / "processed").rglob("pack-*.bin")}
+    logs = "".join((engine["dir"] / f"{n}.log").read_text() for n in ("w1", "w2"))
+    assert "bucket_assets.run_chunk" in logs
+    assert len(pids) >= 2, pids
+    for name in ("w1", "w2"):
+        assert "succeeded" in (engine["dir"] / f"{name}.log").read_text(), f"worker {name} ran no task"
+
+
+def test_celery_fetches_urls(engine, tmp_path):
+    from bucket_assets.core.download import DownloadSettings
+    from bucket_assets.distributed import CeleryCompute
+    from bucket_assets_tests.core.test_download import FaultServer
+
+    with FaultServer() as server:
+        items = [(f"i{n}", server.base + p, str(tmp_path / "store"), DownloadSettings(retries=0, timeout_s=5))
+                 for n, p in enumerate(["/img/1", "/404", "/html", "/img/2"] * 5)]
+        rows = list(CeleryCompute(engine["broker"], chunk=3).map("fetch", items))
+    assert [r["image_id"] for r in rows] == [i[0] for i in items]
+    assert [r["status"] for r in rows[:4]] == ["ok", "http_404", "not_an_image", "ok"]
