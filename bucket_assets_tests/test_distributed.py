@@ -114,12 +114,28 @@ def test_celery_build_equals_the_single_machine_build(engine, sample_root, tmp_p
     assert _manifest(shared / "export") == _manifest(single / "export")
 
     # The pixels were rendered by the two worker processes, not by the coordinator.
-    pids = {p.name.split("-")[1] for p in (shared / "work" / "processed").rglob("pack-*.bin")}
+    pids_before = set((shared / "work" / "processed").rglob("pack-*.bin"))
+    pids = {p.name.split("-")[1] for p in pids_before}
     logs = "".join((engine["dir"] / f"{n}.log").read_text() for n in ("w1", "w2"))
     assert "bucket_assets.run_chunk" in logs
     assert len(pids) >= 2, pids
     for name in ("w1", "w2"):
         assert "succeeded" in (engine["dir"] / f"{name}.log").read_text(), f"worker {name} ran no task"
+
+    # The same workers (still holding their packs open) serve the next runs: a quality change
+    # re-renders everything into new packs and prunes the old ones; changing it back gives the
+    # original bytes again.
+    spec = yaml.safe_load((dist / "spec.yaml").read_text())
+    for quality in (90, 95):
+        spec["image"]["jpeg"]["quality"] = quality
+        (dist / "spec.yaml").write_text(yaml.safe_dump(spec))
+        res = run_cli("build", "--spec", str(dist / "spec.yaml"), env=env)
+        assert res.returncode == 0, res.stderr[-3000:]
+        verify_export(shared / "export")
+        packs = {str(p) for p in (shared / "work" / "processed").rglob("pack-*.bin")}
+        assert packs and not packs & {str(p) for p in pids_before}
+        pids_before = set(packs)
+    assert _shards(shared / "export") == _shards(single / "export")
 
 
 def test_celery_fetches_urls(engine, tmp_path):

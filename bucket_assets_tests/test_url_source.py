@@ -28,9 +28,18 @@ def url_spec(sample_root, tmp_path):
         import threading
         from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
-        handler = functools.partial(SimpleHTTPRequestHandler, directory=str(photos[0].parent))
-        handler.log_message = lambda *a: None
-        static = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        class Static(SimpleHTTPRequestHandler):
+            hits: dict[str, int] = {}
+
+            def log_message(self, *a):
+                pass
+
+            def do_GET(self):
+                Static.hits[self.path] = Static.hits.get(self.path, 0) + 1
+                super().do_GET()
+
+        static = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Static, directory=str(photos[0].parent)))
+        static.hits = Static.hits
         threading.Thread(target=static.serve_forever, daemon=True).start()
         base = f"http://127.0.0.1:{static.server_address[1]}"
         rows = [{"key": f"u{i}", "url": f"{base}/{p.name}", "caption": f"photo {i}", "similarity": 0.35, "NSFW": "UNLIKELY"}
@@ -86,10 +95,11 @@ def test_url_source_builds_and_accounts_for_every_url(url_spec):
     assert all(m["url"].startswith("http://127.0.0.1:") and m["source"] == "web" for m in exported.values())
 
     # A rebuild fetches nothing: stored images and final failures are reused.
-    hits = dict(server.hits)
+    hits, photo_hits = dict(server.hits), dict(_static.hits)
+    assert sum(photo_hits.values()) == 6
     res = materialize_all(path)
     assert res.success
-    assert server.hits == hits
+    assert server.hits == hits and _static.hits == photo_hits
     mat = res.asset_materializations_for_node("url_downloads")[0]
     assert mat.metadata["fetched"].value == 0 and mat.metadata["reused"].value == 9
 
@@ -108,3 +118,39 @@ def test_url_source_spec_errors(sample_root, tmp_path):
 
     with pytest.raises(SpecError, match=r"sources\[0\]\.path: no file matches"):
         check_paths(load_spec(p))
+
+
+def test_a_killed_download_resumes_without_fetching_again(url_spec):
+    """SIGKILL after the 4th URL is journaled; the rerun fetches only what was not journaled."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from bucket_assets.core.download import read_journal
+
+    path, server, static = url_spec
+    spec = yaml.safe_load(path.read_text())
+    spec["sources"][0]["download"]["concurrency"] = 1
+    path.write_text(yaml.safe_dump(spec))
+    env = {**os.environ, "DAGSTER_HOME": str(path.parent / "home"), "BUCKET_ASSETS_FAILPOINT": "kill:fetched@4"}
+    (path.parent / "home").mkdir()
+    cmd = [sys.executable, "-m", "bucket_assets.cli", "build", "--spec", str(path)]
+    proc = subprocess.run(cmd, env=env, start_new_session=True, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    journal = Path(load_spec(path).work_dir) / "downloads" / ".journal-web.jsonl"
+    done = {url for (_id, url) in read_journal(journal)}
+    assert len(done) == 4
+    before = dict(static.hits)
+    assert len(before) >= 4
+    env.pop("BUCKET_ASSETS_FAILPOINT")
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert not journal.exists()
+    # The photos journaled before the kill were not requested again; the rest were, once.
+    for url in done:
+        rel = "/" + url.rsplit("/", 1)[1]
+        assert static.hits[rel] == before[rel] == 1
+    assert len(static.hits) == 6 and all(n <= 2 for n in static.hits.values())
+    manifest = json.loads((Path(load_spec(path).output_dir) / "manifest.json").read_text())
+    assert manifest["summary"]["images_exported"] == 6 and manifest["summary"]["skipped_http_404"] == 1

@@ -26,6 +26,7 @@ from typing import Callable, Iterable
 from urllib.parse import urlsplit
 
 from bucket_assets.core.atomic import atomic_write_bytes
+from bucket_assets.core.failpoints import failpoint
 
 # Reasons a rerun tries again (and http_5xx); every other non-ok status is final.
 RETRYABLE = frozenset({"timeout", "connection_error", "truncated", "http_429", "http_408"})
@@ -270,6 +271,7 @@ def download_all(
             jf.flush()
         if on_fetched is not None:
             on_fetched(row)
+        failpoint("fetched")
 
     try:
         if fetch_many is not None:

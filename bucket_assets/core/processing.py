@@ -78,6 +78,9 @@ class RenderTask:
     store_dir: str  # the bucket's directory in the store
     params: RenderParams
     orientation: int | None = None  # EXIF orientation from the raw index, if known
+    # Which run this render belongs to. A long-lived worker (Celery) opens a new pack when it
+    # changes, so it never appends to a pack an earlier run's pruning or compaction removed.
+    store_token: str = ""
 
     def fingerprint(self) -> str:
         d = {
@@ -108,7 +111,8 @@ def is_pack(name: str) -> bool:
 
 
 class _Pack:
-    def __init__(self, directory: str):
+    def __init__(self, directory: str, token: str = ""):
+        self.token = token
         os.makedirs(directory, exist_ok=True)
         name = f"{PACK_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:12]}{PACK_SUFFIX}"
         self.path = os.path.join(directory, name)
@@ -122,18 +126,22 @@ class _Pack:
             self.size += n
 
 
-# This process's open packs by bucket directory. A pack is never reopened once closed, so a
-# pack pruned by a later run cannot be written to through a stale descriptor.
+# This process's open packs by bucket directory, with the run token they were opened for. A
+# pack is never reopened once closed, and a new token closes it, so a pack pruned after an
+# earlier run cannot be written to through a stale descriptor.
 _PACKS: dict[str, _Pack] = {}
 
 
-def append_to_store(directory: str, data: bytes, name: str) -> tuple[str, int]:
+def append_to_store(directory: str, data: bytes, name: str, token: str = "") -> tuple[str, int]:
     """Append one record to this process's pack for the directory; returns (pack path, offset).
     The bytes are in the kernel when this returns (no fsync: a reused record is checked against
     its pack's size, so one lost to a power cut is rendered again)."""
     pack = _PACKS.get(directory)
+    if pack is not None and pack.token != token:
+        close_store_packs(directory)
+        pack = None
     if pack is None:
-        pack = _PACKS[directory] = _Pack(directory)
+        pack = _PACKS[directory] = _Pack(directory, token)
     offset = pack.size
     view = memoryview(data)
     try:
@@ -173,7 +181,7 @@ def record_present(path: str | None, offset: int | None, size: int | None, sizes
     return offset + size <= total
 
 
-def needs_compaction(rows: list[dict], pack_sizes: dict[str, int], max_packs: int = 16) -> bool:
+def needs_compaction(rows: list[dict], pack_sizes: dict[str, int], max_packs: int = 256) -> bool:
     """A bucket's packs are compacted when replaced records fill more than half of them, or
     when incremental runs have left more than `max_packs` packs."""
     live = sum(r["bytes"] for r in rows if r.get("status") == "ok")
@@ -357,7 +365,7 @@ def _render(task: RenderTask, clock) -> dict:
         clock("encode")
         h, w = rgb.shape[:2]
         out["subsampling"] = sub
-    path, offset = append_to_store(task.store_dir, jpg, f"{task.key}.jpg")
+    path, offset = append_to_store(task.store_dir, jpg, f"{task.key}.jpg", task.store_token)
     out.update(path=path, pack_offset=offset, bytes=len(jpg), sha256=hashlib.sha256(jpg).hexdigest(), width=w, height=h)
     clock("write")
     return out

@@ -82,7 +82,7 @@ def test_compaction_keeps_live_records_in_row_order_in_one_new_pack(tmp_path):
     sizes = {os.path.join(d, n): os.path.getsize(os.path.join(d, n)) for n in os.listdir(d)}
     assert not needs_compaction(rows, sizes)  # 615 bytes hold 459 live ones
     assert needs_compaction(rows, {**sizes, "x": 10_000})
-    assert needs_compaction(rows, {f"p{i}": 1 for i in range(17)})
+    assert needs_compaction(rows, {f"p{i}": 1 for i in range(257)})
     assert not needs_compaction([rows[-1]], sizes)  # nothing live: pruning removes it all
 
     out = compact(d, rows)
@@ -117,3 +117,15 @@ def test_render_stores_the_encoded_sample_and_reports_where(tmp_path):
     bad = render(RenderTask("id2", "b", "k2", "", str(tmp_path / "missing.jpg"), None, None, None, 0.5, 150, 100,
                             0, 0, 128, 96, str(tmp_path / "store" / "b"), params))
     assert bad["status"] == "read_error" and bad["path"] is None and bad["pack_offset"] is None
+
+
+def test_a_new_run_token_starts_a_new_pack(tmp_path):
+    """A long-lived worker (Celery) keeps packs open between runs; the next run's token makes it
+    leave a pack that run may have pruned instead of writing into a deleted file."""
+    d = str(tmp_path)
+    p1, _ = append_to_store(d, b"a", "a.jpg", "run1")
+    p1b, off = append_to_store(d, b"b", "b.jpg", "run1")
+    assert p1b == p1 and off == 1
+    os.unlink(p1)  # pruned by run1's commit
+    p2, off = append_to_store(d, b"c", "c.jpg", "run2")
+    assert p2 != p1 and off == 0 and open(p2, "rb").read() == b"c"

@@ -84,7 +84,7 @@ def processed_images_asset(partitions: dg.PartitionsDefinition) -> dg.AssetsDefi
                 previous[(b, key)] = row
         tasks = [
             RenderTask(*row[:15], store_dir=store_dir(spec.processed_dir, row[1]), params=params,
-                       orientation=row[15])
+                       orientation=row[15], store_token=context.run.run_id)
             for row in plan
         ]
         results: dict[int, dict] = {}
