@@ -107,8 +107,19 @@ class CeleryCompute:
         self.app = app if app is not None and app.conf.broker_url == broker else _make_app(broker)
         self.chunk, self.window, self.timeout_s = chunk, window, timeout_s
 
+    def _check_workers(self) -> None:
+        # Fail at once, naming the broker, instead of queueing work nobody will take.
+        if not getattr(self, "_checked", False):
+            if not self.app.control.ping(timeout=3.0):
+                raise RuntimeError(f"no Celery worker answers on {self.app.conf.broker_url}: start "
+                                   f"`celery -A bucket_assets.distributed worker` with {BROKER_ENV} set, or unset it")
+            self._checked = True
+
     def map(self, name: str, items: Sequence) -> Iterator:
         _run, enc, _dec = FUNCTIONS[name]()
+        if not items:
+            return
+        self._check_workers()
         task = self.app.tasks["bucket_assets.run_chunk"]
         chunks = [list(items[i:i + self.chunk]) for i in range(0, len(items), self.chunk)]
         pending = []

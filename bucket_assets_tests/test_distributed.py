@@ -149,3 +149,12 @@ def test_celery_fetches_urls(engine, tmp_path):
         rows = list(CeleryCompute(engine["broker"], chunk=3).map("fetch", items))
     assert [r["image_id"] for r in rows] == [i[0] for i in items]
     assert [r["status"] for r in rows[:4]] == ["ok", "http_404", "not_an_image", "ok"]
+
+
+def test_no_worker_fails_fast_naming_the_broker(engine):
+    from bucket_assets.distributed import CeleryCompute
+
+    # A database no worker listens on (the workers use /0).
+    broker = engine["broker"].rsplit("/", 1)[0] + "/5"
+    with pytest.raises(RuntimeError, match="no Celery worker answers on redis://127.0.0.1"):
+        list(CeleryCompute(broker).map("shard", [{}]))
