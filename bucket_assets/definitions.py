@@ -21,7 +21,7 @@ from bucket_assets.defs.assets.ingest import filtered_images, raw_index
 from bucket_assets.defs.checks import build_checks
 from bucket_assets.defs.partitions import bucket_partitions
 from bucket_assets.defs.resources import ComputeResource, DatasetResource
-from bucket_assets.distributed import BROKER_ENV
+from bucket_assets.distributed import BROKER_ENV, CHUNK_ENV
 from bucket_assets.defs.sensors import caption_change_sensor, caption_landing_sensor
 from bucket_assets.spec import load_spec, resolve_spec_path
 
@@ -60,7 +60,9 @@ def build_definitions(spec_path: str | None = None) -> dg.Definitions:
                 output_dir=os.environ.get(OUTPUT_DIR_ENV) or None,
                 work_dir=os.environ.get(WORK_DIR_ENV) or None,
             ),
-            "compute": ComputeResource(celery_broker=os.environ.get(BROKER_ENV) or None),
+            "compute": ComputeResource(
+                celery_broker=os.environ.get(BROKER_ENV) or None, chunk=int(os.environ.get(CHUNK_ENV) or 16)
+            ),
         },
     )
 

@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from bucket_assets.core.manifest import VOLATILE_FIELDS, verify_export
-from bucket_assets.distributed import BROKER_ENV
+from bucket_assets.distributed import BROKER_ENV, CHUNK_ENV
 from bucket_assets_tests.conftest import free_port, run_cli, spec_dict, wait_for
 
 REQUIRED = os.environ.get("BUCKET_ASSETS_REQUIRE_ENGINE") == "1"
@@ -101,7 +101,8 @@ def test_celery_build_equals_the_single_machine_build(engine, sample_root, tmp_p
     # The same spec file content; only the resource (env) moves the dirs to "shared storage".
     (dist / "spec.yaml").write_text((single / "spec.yaml").read_text())
     shared = tmp_path / "shared"
-    env = {"DAGSTER_HOME": str(dist / "home"), BROKER_ENV: engine["broker"],
+    # Chunks of 2 samples, so even the sample's largest bucket (7 images) spreads over both workers.
+    env = {"DAGSTER_HOME": str(dist / "home"), BROKER_ENV: engine["broker"], CHUNK_ENV: "2",
            "BUCKET_ASSETS_OUTPUT_DIR": str(shared / "export"), "BUCKET_ASSETS_WORK_DIR": str(shared / "work")}
     t = time.monotonic()
     res = run_cli("build", "--spec", str(dist / "spec.yaml"), env=env)
@@ -119,6 +120,9 @@ def test_celery_build_equals_the_single_machine_build(engine, sample_root, tmp_p
     logs = "".join((engine["dir"] / f"{n}.log").read_text() for n in ("w1", "w2"))
     assert "bucket_assets.run_chunk" in logs
     assert len(pids) >= 2, pids
+    # Work inside one bucket is split: the largest bucket was rendered by both workers.
+    largest = max((shared / "work" / "processed").iterdir(), key=lambda d: sum(p.stat().st_size for p in d.glob("pack-*.bin")))
+    assert len({p.name.split("-")[1] for p in largest.glob("pack-*.bin")}) == 2, largest
     for name in ("w1", "w2"):
         assert "succeeded" in (engine["dir"] / f"{name}.log").read_text(), f"worker {name} ran no task"
 
