@@ -78,6 +78,7 @@ def _make_app(broker: str | None):
     app.conf.update(
         task_serializer="json", result_serializer="json", accept_content=["json"],
         task_acks_late=True,  # a worker that dies mid-chunk leaves it for another
+        task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,  # chunks go to idle workers, not to the first to ask
         result_expires=24 * 3600,
         broker_connection_retry_on_startup=True,
