@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from image_throughput import make_corpus, photo_paths  # noqa: E402
+from image_throughput import folder_spec, make_corpus, photo_paths  # noqa: E402
 
 
 def _port() -> int:
@@ -33,25 +33,15 @@ def _port() -> int:
 
 def build(root: Path, files: list[Path], workers: int, broker: str | None) -> dict:
     import dagster as dg
-    import yaml
 
-    shutil.rmtree(root, ignore_errors=True)
-    src = root / "images"
-    src.mkdir(parents=True)
-    for f in files:
-        os.link(f, src / f.name)
-    spec = {"name": "bench", "output_dir": str(root / "export"), "work_dir": str(root / "work"),
-            "sources": [{"name": "folder", "kind": "folder", "path": str(src)}],
-            "captions": {"landing_dir": str(root / "captions"), "selectors": ["sidecar"]},
-            "image": {"workers": workers}}
-    (root / "spec.yaml").write_text(yaml.safe_dump(spec))
+    spec = folder_spec(root, files, workers)
     env = {**os.environ, "DAGSTER_HOME": str(root / "home")}
     env.pop("BUCKET_ASSETS_CELERY_BROKER", None)
     if broker:
         env["BUCKET_ASSETS_CELERY_BROKER"] = broker
     exe = os.path.join(os.path.dirname(sys.executable), "bucket-assets")
     t = time.perf_counter()
-    r = subprocess.run([exe, "build", "--spec", str(root / "spec.yaml")], env=env, capture_output=True, text=True)
+    r = subprocess.run([exe, "build", "--spec", str(spec)], env=env, capture_output=True, text=True)
     total = time.perf_counter() - t
     if r.returncode != 0:
         raise SystemExit(f"build failed: {r.stderr[-800:]}")

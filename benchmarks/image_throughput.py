@@ -196,7 +196,8 @@ class TreeRss:
         return self.peak
 
 
-def run_build(root: Path, files: list[Path], workers: int) -> tuple[float, int]:
+def folder_spec(root: Path, files: list[Path], workers: int) -> Path:
+    """A fresh `root` with the files hard-linked into a folder source and a spec building it."""
     import yaml
 
     src = root / "images"
@@ -209,6 +210,11 @@ def run_build(root: Path, files: list[Path], workers: int) -> tuple[float, int]:
             "captions": {"landing_dir": str(root / "captions"), "selectors": ["sidecar"]},
             "image": {"workers": workers}}
     (root / "spec.yaml").write_text(yaml.safe_dump(spec))
+    return root / "spec.yaml"
+
+
+def run_build(root: Path, files: list[Path], workers: int) -> tuple[float, int]:
+    folder_spec(root, files, workers)
     env = {**os.environ, "DAGSTER_HOME": str(root / "dagster_home")}
     exe = os.path.join(os.path.dirname(sys.executable), "bucket-assets")
     t = time.perf_counter()

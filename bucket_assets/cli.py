@@ -128,8 +128,7 @@ def cmd_build(args: argparse.Namespace) -> int:
             return _fail(f"build failed: {_first_error(result)} (run {result.run_id}, DAGSTER_HOME={home})", 1)
         if failed_checks:
             return _fail(f"build finished but checks failed: {', '.join(failed_checks)} (run {result.run_id})", 1)
-    out_dir = os.path.abspath(os.environ.get(definitions.OUTPUT_DIR_ENV) or spec.output_dir)
-    print(f"built {out_dir} (run {result.run_id}; DAGSTER_HOME={home})")
+    print(f"built {definitions.dataset_resource(spec_path).load().output_dir} (run {result.run_id}; DAGSTER_HOME={home})")
     return 0
 
 

@@ -31,6 +31,15 @@ OUTPUT_DIR_ENV = "BUCKET_ASSETS_OUTPUT_DIR"
 WORK_DIR_ENV = "BUCKET_ASSETS_WORK_DIR"
 
 
+def dataset_resource(spec_path: str) -> DatasetResource:
+    """The spec, with its dirs replaced by $BUCKET_ASSETS_OUTPUT_DIR / $BUCKET_ASSETS_WORK_DIR if set."""
+    return DatasetResource(
+        spec_path=spec_path,
+        output_dir=os.environ.get(OUTPUT_DIR_ENV) or None,
+        work_dir=os.environ.get(WORK_DIR_ENV) or None,
+    )
+
+
 def build_definitions(spec_path: str | None = None) -> dg.Definitions:
     spec_path = resolve_spec_path(spec_path)
     spec = load_spec(spec_path)
@@ -55,11 +64,7 @@ def build_definitions(spec_path: str | None = None) -> dg.Definitions:
         jobs=[build_job],
         sensors=[caption_landing_sensor, caption_change_sensor],
         resources={
-            "dataset": DatasetResource(
-                spec_path=spec_path,
-                output_dir=os.environ.get(OUTPUT_DIR_ENV) or None,
-                work_dir=os.environ.get(WORK_DIR_ENV) or None,
-            ),
+            "dataset": dataset_resource(spec_path),
             "compute": ComputeResource(
                 celery_broker=os.environ.get(BROKER_ENV) or None, chunk=int(os.environ.get(CHUNK_ENV) or 16)
             ),

@@ -59,7 +59,14 @@ def _shard_codec():
     def run(items: list[dict]) -> list[dict]:
         return [stage_planned_shard(d) for d in items]
 
-    return run, (lambda d: d), (lambda d: d)
+    # A sample's .txt and .json are UTF-8 text: strings in the JSON message, bytes again on the worker.
+    def enc(plan: dict) -> dict:
+        return {**plan, "samples": [{**s, "txt": s["txt"].decode(), "json": s["json"].decode()} for s in plan["samples"]]}
+
+    def dec(plan: dict) -> dict:
+        return {**plan, "samples": [{**s, "txt": s["txt"].encode(), "json": s["json"].encode()} for s in plan["samples"]]}
+
+    return run, enc, dec
 
 
 FUNCTIONS: dict[str, Callable] = {"render": _render_codec, "fetch": _fetch_codec, "shard": _shard_codec}

@@ -85,16 +85,10 @@ class FolderSource(_Model):
     _name = field_validator("name")(_check_name)
 
 
-class UrlColumns(_Model):
-    id: ColumnName = "id"
-    url: ColumnName = "url"
-    caption: ColumnName | None = "caption"
-    fallback_caption: ColumnName | None = None
+class UrlColumns(ParquetColumns):
+    url: ColumnName = "url"  # required here: it is where the image is
     similarity: ColumnName | None = None
     nsfw: ColumnName | None = None
-    license: ColumnName | None = None
-    width: ColumnName | None = None
-    height: ColumnName | None = None
 
 
 class Download(_Model):

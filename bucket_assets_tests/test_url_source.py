@@ -127,7 +127,7 @@ def test_a_killed_download_resumes_without_fetching_again(url_spec):
     import subprocess
     import sys
 
-    from bucket_assets.core.download import read_journal
+    from bucket_assets.core.download import journal_path, read_journal
 
     path, server, static = url_spec
     spec = yaml.safe_load(path.read_text())
@@ -138,7 +138,7 @@ def test_a_killed_download_resumes_without_fetching_again(url_spec):
     cmd = [sys.executable, "-m", "bucket_assets.cli", "build", "--spec", str(path)]
     proc = subprocess.run(cmd, env=env, start_new_session=True, capture_output=True, text=True, timeout=300)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
-    journal = Path(load_spec(path).work_dir) / "downloads" / ".journal-web.jsonl"
+    journal = journal_path(load_spec(path).downloads_dir, "web")
     done = {url for (_id, url) in read_journal(journal)}
     assert len(done) == 4
     before = dict(static.hits)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import email.utils
 import hashlib
-import json
 import os
 import random
 import threading
@@ -27,15 +26,20 @@ from urllib.parse import urlsplit
 
 from bucket_assets.core.atomic import atomic_write_bytes
 from bucket_assets.core.failpoints import failpoint
+from bucket_assets.core.journal import append_row, read_rows
 
 # Reasons a rerun tries again (and http_5xx); every other non-ok status is final.
 RETRYABLE = frozenset({"timeout", "connection_error", "truncated", "http_429", "http_408"})
+IMAGE_MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM", b"II*\x00", b"MM\x00*")
 
 
 def is_retryable(status: str) -> bool:
     return status in RETRYABLE or (status.startswith("http_5") and len(status) == 8)
-IMAGE_MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM", b"II*\x00", b"MM\x00*")
-JOURNAL_NAME = ".journal.jsonl"
+
+
+def journal_path(store: str | os.PathLike, source: str) -> Path:
+    """Where a source's fetched results are journaled until they are committed."""
+    return Path(store) / f".journal-{source}.jsonl"
 
 
 @dataclass(frozen=True)
@@ -180,9 +184,7 @@ class Downloader:
                 code = r.status_code
                 if code != 200:
                     detail = f"HTTP {code} from {r.url}"
-                    if code == 429 or code == 408:
-                        raise _Retry(f"http_{code}", detail, code, _retry_after(r.headers.get("Retry-After")))
-                    if code >= 500:
+                    if is_retryable(f"http_{code}"):
                         raise _Retry(f"http_{code}", detail, code, _retry_after(r.headers.get("Retry-After")))
                     raise _Final(f"http_{code}", detail, code)
                 ctype = r.headers.get("Content-Type")
@@ -221,20 +223,13 @@ class Downloader:
 
 
 def read_journal(path: str | os.PathLike) -> dict[tuple[str, str], dict]:
-    """(image_id, url) -> latest journaled result; a line torn by a kill is ignored."""
-    out: dict[tuple[str, str], dict] = {}
-    try:
-        f = open(path, encoding="utf-8")
-    except FileNotFoundError:
-        return out
-    with f:
-        for line in f:
-            try:
-                row = json.loads(line)
-                out[(row["image_id"], row["url"])] = row
-            except (ValueError, KeyError, TypeError):
-                continue
-    return out
+    """(image_id, url) -> latest journaled result."""
+    return {(r["image_id"], r["url"]): r for r in read_rows(path) if "image_id" in r and "url" in r}
+
+
+def pending(items: list[tuple[str, str]], previous: dict[str, dict], store: str | os.PathLike) -> list[int]:
+    """Indices of the items that must be fetched: no reusable previous result."""
+    return [i for i, (iid, url) in enumerate(items) if not reusable(previous.get(iid), url, store)]
 
 
 def download_all(
@@ -246,20 +241,22 @@ def download_all(
     sleep: Callable[[float], None] = time.sleep,
     on_fetched: Callable[[dict], None] | None = None,
     fetch_many: Callable[[list[tuple[str, str]]], Iterable[dict]] | None = None,
+    todo: list[int] | None = None,
 ) -> list[dict]:
     """One result row per (image_id, url), in input order. `previous` (image_id -> row) rows
     that are reusable are kept as they are; the rest are fetched, with at most a few times
     `concurrency` requests queued at once (memory stays flat however many URLs there are).
     Fetched results are appended to `journal` as they complete; `on_fetched` sees each.
     `fetch_many` (the todo (image_id, url) list -> rows in order) fetches elsewhere, e.g. on
-    Celery workers; by default this process's threads fetch."""
+    Celery workers; by default this process's threads fetch. `todo`: `pending(...)` if the
+    caller already computed it (it stats every stored file)."""
     previous = previous or {}
     items = list(items)
     dl = Downloader(store, settings, sleep)
-    todo = [(i, iid, url) for i, (iid, url) in enumerate(items) if not reusable(previous.get(iid), url, store)]
+    todo_items = [(i, *items[i]) for i in (pending(items, previous, store) if todo is None else todo)]
     fetched: dict[int, dict] = {}
     jf = None
-    if journal is not None and todo:
+    if journal is not None and todo_items:
         Path(journal).parent.mkdir(parents=True, exist_ok=True)
         jf = open(journal, "a", encoding="utf-8")
     window = 4 * settings.concurrency
@@ -267,31 +264,29 @@ def download_all(
     def record(i: int, row: dict) -> None:
         fetched[i] = row
         if jf is not None:
-            jf.write(json.dumps(row, sort_keys=True) + "\n")
-            jf.flush()
+            append_row(jf, row)
         if on_fetched is not None:
             on_fetched(row)
         failpoint("fetched")
 
     try:
         if fetch_many is not None:
-            for (i, _iid, _url), row in zip(todo, fetch_many([(iid, url) for _, iid, url in todo])):
+            for (i, _iid, _url), row in zip(todo_items, fetch_many([(iid, url) for _, iid, url in todo_items])):
                 record(i, row)
-            todo = []
+            todo_items = []
         with ThreadPoolExecutor(max_workers=settings.concurrency) as pool:
-            pending: dict = {}
-            queue = iter(todo)
+            in_flight: dict = {}
 
             def done(futs) -> None:
                 for fut in futs:
-                    record(pending.pop(fut), asdict(fut.result()))
+                    record(in_flight.pop(fut), asdict(fut.result()))
 
-            for i, iid, url in queue:
-                pending[pool.submit(dl.fetch, iid, url)] = i
-                if len(pending) >= window:
-                    finished, _ = wait(list(pending), return_when=FIRST_COMPLETED)
+            for i, iid, url in todo_items:
+                in_flight[pool.submit(dl.fetch, iid, url)] = i
+                if len(in_flight) >= window:
+                    finished, _ = wait(list(in_flight), return_when=FIRST_COMPLETED)
                     done(finished)
-            done(list(pending))
+            done(list(in_flight))
     finally:
         if jf is not None:
             jf.close()

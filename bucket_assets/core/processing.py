@@ -26,7 +26,9 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from bucket_assets.core.atomic import atomic_writer
 from bucket_assets.core.failpoints import failpoint
+from bucket_assets.core.journal import append_row, read_rows
 from bucket_assets.core.imaging import (
     ImageError,
     crop,
@@ -195,8 +197,6 @@ def compact(directory: str, rows: list[dict]) -> list[dict]:
     """Copy the live records of `rows` (one bucket, in row order) into one new pack, written
     atomically; returns the rows pointing into it. The old packs stay until pruned after the
     new rows are committed, so a kill here loses nothing."""
-    from bucket_assets.core.atomic import atomic_writer
-
     out, offset = [], 0
     path = os.path.join(directory, f"{PACK_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:12]}{PACK_SUFFIX}")
     with StoreReader() as reader, atomic_writer(path, durable=False) as f:
@@ -239,21 +239,8 @@ class StoreReader:
 
 
 def read_journal(path: str | os.PathLike) -> dict[str, dict]:
-    """key -> latest result row journaled for it. A line torn by a kill is ignored."""
-    rows: dict[str, dict] = {}
-    try:
-        f = open(path, encoding="utf-8")
-    except FileNotFoundError:
-        return rows
-    with f:
-        for line in f:
-            try:
-                row = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(row, dict) and isinstance(row.get("key"), str):
-                rows[row["key"]] = row
-    return rows
+    """key -> latest result row journaled for it."""
+    return {row["key"]: row for row in read_rows(path) if isinstance(row.get("key"), str)}
 
 
 class Journal:
@@ -270,8 +257,7 @@ class Journal:
             p = journal_path(self.dir, row["bucket_id"])
             p.parent.mkdir(parents=True, exist_ok=True)
             f = self.files[row["bucket_id"]] = open(p, "a", encoding="utf-8")
-        f.write(json.dumps(row, sort_keys=True) + "\n")
-        f.flush()
+        append_row(f, row)
 
     def close(self) -> None:
         for f in self.files.values():

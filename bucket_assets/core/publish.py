@@ -20,7 +20,7 @@ from typing import Iterable
 
 from bucket_assets.core.atomic import atomic_writer
 from bucket_assets.core.failpoints import failpoint
-from bucket_assets.core.shards import Sample, ShardFile, caption_txt, sample_meta, write_shard
+from bucket_assets.core.shards import Sample, ShardFile, write_shard
 
 STAGING = ".staging"
 
@@ -47,16 +47,15 @@ def stage_shard(out_dir: str | os.PathLike, rel: str, samples: Iterable[Sample])
 
 
 def stage_planned_shard(plan: dict) -> dict:
-    """stage_shard for one planned shard: {out_dir, rel, bucket_id, rows (sample-plan rows)},
-    its JPEG bytes read from the processed-image store. A plain dict in and out, so a Celery
-    worker can run it."""
+    """stage_shard for one planned shard: {out_dir, rel, samples: [{key, path, pack_offset,
+    jpg_bytes, txt, json}]} (txt and json as bytes), its JPEG bytes read from the processed-image
+    store. Returns a plain dict."""
     from bucket_assets.core.processing import StoreReader
 
     with StoreReader() as store:
         shard = stage_shard(plan["out_dir"], plan["rel"], (
-            Sample(r["key"], store.read(r["path"], r["pack_offset"], r["jpg_bytes"]), caption_txt(r["text"]),
-                   sample_meta(r, plan["bucket_id"]))
-            for r in plan["rows"]
+            Sample(s["key"], store.read(s["path"], s["pack_offset"], s["jpg_bytes"]), s["txt"], s["json"])
+            for s in plan["samples"]
         ))
     return {"samples": shard.samples, "bytes": shard.bytes, "sha256": shard.sha256, "rewritten": shard.rewritten}
 

@@ -8,9 +8,9 @@ from typing import Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from bucket_assets.core.captions import clean_caption
+from bucket_assets.core.captions import as_float, clean_caption
 from bucket_assets.core.sources import RawRecord, ScanStats
-from bucket_assets.spec import ParquetSource
+from bucket_assets.spec import ParquetColumns, ParquetSource
 
 
 class SourceError(ValueError):
@@ -88,19 +88,32 @@ def scan(source: ParquetSource, stats: ScanStats, max_caption_chars: int) -> Ite
                 rec.issue_detail = f"no {image_id}.{{{','.join(exts)}}} in {source.image_dir}"
             else:
                 rec.location = os.path.join(source.image_dir, fname)
-            if cols.caption:
-                rec.caption, flags = clean_caption(_text(data[cols.caption][i]), max_caption_chars)
-                rec.caption_field = cols.caption
-                rec.notes.extend(flags)
-            if not rec.caption and cols.fallback_caption:
-                fb, flags = clean_caption(_text(data[cols.fallback_caption][i]), max_caption_chars)
-                if fb:
-                    rec.caption, rec.caption_field = fb, cols.fallback_caption
-                    rec.notes.extend(flags)
-            if cols.width and cols.height:
-                rec.orig_w, rec.orig_h = _int(data[cols.width][i]), _int(data[cols.height][i])
-            if cols.url:
-                rec.url = _text(data[cols.url][i])
-            if cols.license:
-                rec.license = _text(data[cols.license][i])
+            fill_from_columns(rec, lambda col: data[col][i], cols, max_caption_chars)
             yield rec
+
+
+def fill_from_columns(rec: RawRecord, value, cols: ParquetColumns, max_caption_chars: int) -> None:
+    """Set a record's caption (with the fallback column where it is empty), original size, url,
+    license and, for URL sources, similarity and NSFW tag from its row; `value(column)` reads
+    the row."""
+    if cols.caption:
+        rec.caption, flags = clean_caption(_text(value(cols.caption)), max_caption_chars)
+        rec.caption_field = cols.caption
+        rec.notes.extend(flags)
+    if not rec.caption and cols.fallback_caption:
+        fb, flags = clean_caption(_text(value(cols.fallback_caption)), max_caption_chars)
+        if fb:
+            rec.caption, rec.caption_field = fb, cols.fallback_caption
+            rec.notes.extend(flags)
+    if cols.width and cols.height:
+        rec.orig_w, rec.orig_h = _int(value(cols.width)), _int(value(cols.height))
+    if cols.url:
+        rec.url = _text(value(cols.url))
+    if cols.license:
+        rec.license = _text(value(cols.license))
+    if getattr(cols, "similarity", None):
+        rec.similarity, bad = as_float(value(cols.similarity))
+        if bad:
+            rec.notes.append("invalid_similarity")
+    if getattr(cols, "nsfw", None):
+        rec.nsfw = _text(value(cols.nsfw))

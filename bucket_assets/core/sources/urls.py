@@ -10,10 +10,9 @@ from typing import Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from bucket_assets.core.captions import as_float, clean_caption
 from bucket_assets.core.download import blob_path
 from bucket_assets.core.sources import RawRecord, ScanStats
-from bucket_assets.core.sources.parquet import SourceError, _int, _text
+from bucket_assets.core.sources.parquet import SourceError, fill_from_columns
 from bucket_assets.spec import UrlSource
 
 _NUMERIC = ("width", "height")
@@ -58,7 +57,7 @@ def _rows(source: UrlSource) -> Iterator[dict]:
                 yield {n: data[n][i] for n in names}
 
 
-def url_requests(source: UrlSource, stats: ScanStats | None = None) -> Iterator[tuple[str, str]]:
+def url_requests(source: UrlSource) -> Iterator[tuple[str, str]]:
     """(image_id, url) for every row with an id, in file then row order."""
     cols = source.columns
     seen: set[str] = set()
@@ -86,7 +85,7 @@ def scan(source: UrlSource, stats: ScanStats, max_caption_chars: int, downloads:
             continue
         seen.add(image_id)
         rec = RawRecord(image_id=image_id, source=source.name, location=None, meta=row)
-        rec.url = _text(row[cols.url])
+        fill_from_columns(rec, row.__getitem__, cols, max_caption_chars)
         got = downloads.get(image_id)
         if got is None or got["url"] != (rec.url or ""):
             rec.issue, rec.issue_detail = "not_downloaded", "no download result for this URL: materialize url_downloads"
@@ -94,23 +93,4 @@ def scan(source: UrlSource, stats: ScanStats, max_caption_chars: int, downloads:
             rec.issue, rec.issue_detail = got["status"], got["detail"]
         else:
             rec.location = str(blob_path(store, got["sha256"]))
-        if cols.caption:
-            rec.caption, flags = clean_caption(_text(row[cols.caption]), max_caption_chars)
-            rec.caption_field = cols.caption
-            rec.notes.extend(flags)
-        if not rec.caption and cols.fallback_caption:
-            fb, flags = clean_caption(_text(row[cols.fallback_caption]), max_caption_chars)
-            if fb:
-                rec.caption, rec.caption_field = fb, cols.fallback_caption
-                rec.notes.extend(flags)
-        if cols.similarity:
-            rec.similarity, bad = as_float(row[cols.similarity])
-            if bad:
-                rec.notes.append("invalid_similarity")
-        if cols.nsfw:
-            rec.nsfw = _text(row[cols.nsfw])
-        if cols.license:
-            rec.license = _text(row[cols.license])
-        if cols.width and cols.height:
-            rec.orig_w, rec.orig_h = _int(row[cols.width]), _int(row[cols.height])
         yield rec

@@ -1,11 +1,13 @@
 """Stage 0: URL sources fetched into the work dir's content-addressed store."""
 
+from collections import Counter
+from functools import partial
 
 import dagster as dg
 import pyarrow as pa
 
 from bucket_assets.core.db import replace_table, table_exists, transaction
-from bucket_assets.core.download import DownloadSettings, download_all, read_journal, reusable
+from bucket_assets.core.download import DownloadSettings, download_all, journal_path, pending, read_journal
 from bucket_assets.core.progress import Progress
 from bucket_assets.core.sources.urls import url_requests
 from bucket_assets.defs.metadata import md_counts
@@ -26,6 +28,10 @@ def settings_for(source: UrlSource) -> DownloadSettings:
     return DownloadSettings(**source.download.model_dump())
 
 
+def _fetch_on_workers(engine: CeleryCompute, store, settings: DownloadSettings, todo: list[tuple[str, str]]):
+    return engine.map("fetch", [(iid, url, str(store), settings) for iid, url in todo])
+
+
 @dg.asset(group_name="ingest", kinds={"duckdb"})
 def url_downloads(context: dg.AssetExecutionContext, dataset: DatasetResource, compute: ComputeResource) -> dg.MaterializeResult:
     """One row per URL of every `urls` source: ok with the sha256 of the bytes stored under
@@ -43,34 +49,29 @@ def url_downloads(context: dg.AssetExecutionContext, dataset: DatasetResource, c
                     previous.setdefault(row["source"], {})[row["image_id"]] = row
     rows, fetched_counts = [], {}
     for src in sources:
-        journal = store / f".journal-{src.name}.jsonl"
+        journal = journal_path(store, src.name)
         prev = previous[src.name]
         for (image_id, _url), row in read_journal(journal).items():  # results a killed run fetched
             prev[image_id] = row
         items = list(url_requests(src))
         settings = settings_for(src)
-        todo = sum(not reusable(prev.get(iid), url, store) for iid, url in items)
-        context.log.info(f"source {src.name}: {len(items)} URLs; fetching {todo}, reusing {len(items) - todo}")
-        progress = Progress(f"url_downloads: {src.name} URLs fetched", todo, context.log.info)
+        todo = pending(items, prev, store)
+        context.log.info(f"source {src.name}: {len(items)} URLs; fetching {len(todo)}, reusing {len(items) - len(todo)}")
+        progress = Progress(f"url_downloads: {src.name} URLs fetched", len(todo), context.log.info)
         engine = compute.engine(1)
-        fetch_many = None
-        if isinstance(engine, CeleryCompute):
-            def fetch_many(todo, settings=settings):
-                return engine.map("fetch", [(iid, url, str(store), settings) for iid, url in todo])
+        remote = partial(_fetch_on_workers, engine, store, settings) if isinstance(engine, CeleryCompute) else None
         got = download_all(items, store, settings, prev, journal, on_fetched=lambda _row: progress.advance(),
-                           fetch_many=fetch_many)
+                           fetch_many=remote, todo=todo)
         progress.close()
-        fetched_counts[src.name] = todo
+        fetched_counts[src.name] = len(todo)
         rows += [{"source": src.name, **{k: r.get(k) for k in URL_DOWNLOADS_SCHEMA.names if k != "source"}} for r in got]
     table = pa.Table.from_pylist(rows, schema=URL_DOWNLOADS_SCHEMA)
     with dataset.db() as con:
         with transaction(con, "url_downloads"):
             replace_table(con, "url_downloads", table)
     for src in sources:
-        (store / f".journal-{src.name}.jsonl").unlink(missing_ok=True)
-    statuses: dict[str, int] = {}
-    for r in rows:
-        statuses[r["status"]] = statuses.get(r["status"], 0) + 1
+        journal_path(store, src.name).unlink(missing_ok=True)
+    statuses = Counter(r["status"] for r in rows)
     return dg.MaterializeResult(
         metadata={
             "dagster/row_count": len(rows),

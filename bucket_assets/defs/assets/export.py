@@ -48,18 +48,21 @@ def write_bucket(out_dir: Path, bucket_id: str, rows: list[dict], max_samples: i
     one task (`compute`: in process, or Celery workers), reading its JPEG bytes from the store,
     so a large bucket's shards are written in parallel and memory stays at one shard's data."""
     remove_stale_temps(staging_dir(out_dir) / "buckets" / bucket_id)
-    sizes = [
-        sample_tar_bytes(int(r["jpg_bytes"]), len(caption_txt(r["text"])), len(sample_meta(r, bucket_id))) for r in rows
+    # What each sample's shard entry needs, its .txt and .json encoded once.
+    samples = [
+        {"key": r["key"], "path": r["path"], "pack_offset": r["pack_offset"], "jpg_bytes": r["jpg_bytes"],
+         "txt": caption_txt(r["text"]), "json": sample_meta(r, bucket_id)}
+        for r in rows
     ]
+    sizes = [sample_tar_bytes(int(s["jpg_bytes"]), len(s["txt"]), len(s["json"])) for s in samples]
     runs = plan_shards(sizes, max_samples, max_bytes)
     plans = [
-        {"out_dir": str(out_dir), "rel": f"buckets/{bucket_id}/{SHARD_NAME.format(idx)}", "bucket_id": bucket_id,
-         "rows": rows[start:end]}
+        {"out_dir": str(out_dir), "rel": f"buckets/{bucket_id}/{SHARD_NAME.format(idx)}", "samples": samples[start:end]}
         for idx, (start, end) in enumerate(runs)
     ]
     shard_rows, sample_rows, rewritten = [], [], 0
     results = (compute or LocalCompute(1)).map("shard", plans)
-    for idx, (plan, shard) in enumerate(zip(plans, results)):
+    for idx, ((start, end), plan, shard) in enumerate(zip(runs, plans, results)):
         rewritten += shard["rewritten"]
         shard_rows.append(
             {"bucket_id": bucket_id, "shard_index": idx, "path": plan["rel"],
@@ -69,7 +72,7 @@ def write_bucket(out_dir: Path, bucket_id: str, rows: list[dict], max_samples: i
             {"bucket_id": bucket_id, "shard_index": idx, "key": r["key"], "image_id": r["image_id"], "text": r["text"],
              "caption_variant": r["caption_variant"], "caption_selector_index": r["caption_selector_index"],
              "caption_source_id": r["caption_source_id"]}
-            for r in plan["rows"]
+            for r in rows[start:end]
         ]
     return shard_rows, sample_rows, rewritten
 

@@ -1,0 +1,30 @@
+"""Append-only JSONL journals: one row per finished item, written as the work happens, so a
+killed run resumes from what is already done. Rows are not fsynced (they guard against a killed
+process, which the kernel survives); a line torn by a kill is skipped when read back."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import IO, Iterator
+
+
+def append_row(f: IO[str], row: dict) -> None:
+    f.write(json.dumps(row, sort_keys=True) + "\n")
+    f.flush()
+
+
+def read_rows(path: str | os.PathLike) -> Iterator[dict]:
+    """The journal's complete rows (JSON objects) in order; none if it does not exist."""
+    try:
+        f = open(path, encoding="utf-8")
+    except FileNotFoundError:
+        return
+    with f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(row, dict):
+                yield row
