@@ -44,7 +44,9 @@ def outcome_counts(con: duckdb.DuckDBPyConnection) -> dict[str, int]:
     return {k: int(v) for k, v in rows}
 
 
-def summary(con: duckdb.DuckDBPyConnection, scan_skips: dict[str, int]) -> dict:
+def summary(con: duckdb.DuckDBPyConnection, scan_skips: dict[str, int], file_skips: dict[str, int] | None = None) -> dict:
+    """`scan_skips`: tar members that are not samples; `file_skips`: whole source files that
+    could not be read (reason -> files)."""
     counts = outcome_counts(con)
     seen = sum(counts.values())
     samples = con.execute("SELECT count(*) FROM shard_samples").fetchone()[0]
@@ -59,6 +61,7 @@ def summary(con: duckdb.DuckDBPyConnection, scan_skips: dict[str, int]) -> dict:
     for reason in sorted(counts, key=lambda r: (r in SEED_NAMES, r)):
         out[SEED_NAMES.get(reason, f"skipped_{reason}")] = counts[reason]
     out["tar_members_skipped"] = dict(sorted(scan_skips.items()))
+    out["source_files_skipped"] = dict(sorted((file_skips or {}).items()))
     out["flags"] = flag_counts(con)
     return out
 

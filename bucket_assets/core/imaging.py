@@ -12,11 +12,21 @@ from dataclasses import dataclass
 
 import numpy as np
 import simplejpeg
-from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageCms, PngImagePlugin, UnidentifiedImageError
 
 # We enforce our own pixel limit (spec image.max_pixels) and report it as too_large; Pillow's
 # bomb check would otherwise raise before we can say why.
 Image.MAX_IMAGE_PIXELS = None
+# Text chunks are never used, but Pillow refuses a PNG whose zTXt/iTXt inflates past 1 MB;
+# a bounded larger limit keeps such (real, e.g. XMP-laden) PNGs decodable.
+PngImagePlugin.MAX_TEXT_CHUNK = 32 << 20
+PngImagePlugin.MAX_TEXT_MEMORY = 64 << 20
+
+# The only formats Pillow may parse: every other plugin (EPS, which runs Ghostscript, PSD,
+# ICNS, ...) stays out of reach of input bytes whatever their name says.
+# (Multi-picture camera JPEGs open through the JPEG plugin as MPO.)
+Image.init()
+FORMATS = tuple(f for f in ("JPEG", "PNG", "WEBP", "GIF", "TIFF", "BMP", "AVIF") if f in Image.OPEN)
 
 SUBSAMPLING = {"4:4:4": 0, "4:2:2": 1, "4:2:0": 2}
 _SRGB = ImageCms.createProfile("sRGB")
@@ -47,9 +57,9 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            img = Image.open(io.BytesIO(data))
+            img = Image.open(io.BytesIO(data), formats=FORMATS)
     except UnidentifiedImageError:
-        raise ImageError("decode_error", "not a recognised image format") from None
+        raise ImageError("decode_error", f"not an image in a supported format ({', '.join(FORMATS)})") from None
     except Exception as exc:  # noqa: BLE001 - any parser failure is a decode error for this sample
         raise ImageError("decode_error", f"{type(exc).__name__}: {exc}") from None
     w, h = img.size
@@ -61,15 +71,31 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
 
 
 def _orientation(img: Image.Image) -> int:
+    """The EXIF orientation still to apply to the pixels Pillow decodes from `img`: the one
+    source of truth for both the planned size (probe) and the rendered pixels (decode_rgb).
+    Pillow's TIFF reader applies the orientation itself (its size is already rotated), so
+    nothing is left to apply there. A value stored as text ("6") counts as that number."""
+    if img.format == "TIFF" and _PILLOW_ORIENTS_TIFF:
+        return 1
     try:
         value = img.getexif().get(0x0112, 1)
-        return int(value) if int(value) in range(1, 9) else 1
+        if isinstance(value, (bytes, str)):
+            value = value.strip(b"\0 " if isinstance(value, bytes) else "\0 ")
+        if isinstance(value, (tuple, list)) and value:
+            value = value[0]
+        value = int(value)
+        return value if value in range(1, 9) else 1
     except Exception:  # noqa: BLE001 - a corrupt EXIF block means "no orientation"
         return 1
 
 
+# Pillow 13's TIFF plugin rotates on load and reports the rotated size from open.
+_PILLOW_ORIENTS_TIFF = int(Image.__version__.split(".")[0]) >= 13
+
+
 def probe(data: bytes, max_pixels: int) -> ImageHeader:
-    """Read the header only (size after EXIF orientation, format, mode): no pixel is decoded."""
+    """Read the header only (size after EXIF orientation, format, mode): no pixel is decoded.
+    The size is exactly the shape decode_rgb returns for these bytes (processing checks it)."""
     img = _open(data, max_pixels)
     w, h = img.size
     orientation = _orientation(img)
@@ -153,8 +179,29 @@ def apply_orientation(rgb: np.ndarray, orientation: int) -> np.ndarray:
 
 
 def _has_icc(data: bytes) -> bool:
-    # APP2 ICC_PROFILE segments sit in the header, before the scan data.
-    return b"ICC_PROFILE\x00" in data[:131072]
+    """An APP2 ICC_PROFILE segment before the scan, found by walking the marker segments (a
+    profile may sit after a large EXIF/XMP block). A header that cannot be walked counts as
+    having one, so the bytes take the Pillow path, which handles every case."""
+    i, n = 2, len(data)
+    while i + 4 <= n:
+        if data[i] != 0xFF:
+            return True
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker == 0xDA or marker == 0xD9:  # start of scan / end of image: no more headers
+            return False
+        if 0xD0 <= marker <= 0xD7 or marker == 0x01:  # standalone markers
+            i += 2
+            continue
+        length = (data[i + 2] << 8) | data[i + 3]
+        if length < 2:
+            return True
+        if marker == 0xE2 and data[i + 4 : i + 16] == b"ICC_PROFILE\x00":
+            return True
+        i += 2 + length
+    return True
 
 
 def _decode_jpeg_fast(
@@ -191,7 +238,7 @@ def _decode_jpeg_fast(
 def jpeg_orientation(data: bytes) -> int:
     """EXIF orientation from the header only (Pillow parses it lazily, without decoding)."""
     try:
-        with Image.open(io.BytesIO(data)) as img:
+        with Image.open(io.BytesIO(data), formats=FORMATS) as img:
             return _orientation(img)
     except Exception:  # noqa: BLE001 - no readable EXIF means no rotation
         return 1
@@ -208,17 +255,16 @@ def decode_rgb(
     if fast is not None:
         return fast
     img = _open(data, max_pixels)
+    # The same orientation the probe planned with (never Pillow's exif_transpose, which reads
+    # the tag its own way): plan and pixels cannot disagree.
+    orientation = _orientation(img) if orientation is None else orientation
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             img.seek(0)
             img.load()
-            try:
-                img = ImageOps.exif_transpose(img)
-            except Exception:  # noqa: BLE001 - corrupt EXIF: keep the stored orientation
-                pass
             rgb = to_rgb(img)
-            return np.array(rgb, dtype=np.uint8)  # writable: torch.from_numpy warns on read-only
+            return apply_orientation(np.array(rgb, dtype=np.uint8), orientation)  # writable for torch
     except ImageError:
         raise
     except Exception as exc:  # noqa: BLE001

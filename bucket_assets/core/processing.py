@@ -43,7 +43,7 @@ from bucket_assets.core.imaging import (
 )
 from bucket_assets.core.sources import read_bytes
 
-RENDER_VERSION = 1  # bump when the pixels for the same inputs change
+RENDER_VERSION = 2  # bump when the pixels for the same inputs change (2: one orientation source)
 # Approximate mode decodes at a DCT scale keeping at least this multiple of the resized size, so
 # the exact torch resize still does a real antialiased downscale (PSNR vs exact: README).
 DCT_MARGIN = 2
@@ -80,6 +80,10 @@ class RenderTask:
     store_dir: str  # the bucket's directory in the store
     params: RenderParams
     orientation: int | None = None  # EXIF orientation from the raw index, if known
+    # The size the plan was made from (raw index, after orientation): the decoded pixels must
+    # have exactly this shape, or the sample is size_mismatch instead of a squashed image.
+    src_w: int | None = None
+    src_h: int | None = None
     # Which run this render belongs to. A long-lived worker (Celery) opens a new pack when it
     # changes, so it never appends to a pack an earlier run's pruning or compaction removed.
     store_token: str = ""
@@ -288,6 +292,17 @@ def _no_clock(step: str) -> None:
     pass
 
 
+def _size_mismatch(rgb, task: RenderTask, dct: bool) -> str | None:
+    """Why the decoded pixels do not fit the plan, or None."""
+    if task.src_w is None or task.src_h is None:
+        return None
+    h, w = rgb.shape[:2]
+    factors = (1, 2, 4, 8) if dct else (1,)
+    if any((w, h) == (-(-task.src_w // f), -(-task.src_h // f)) for f in factors):
+        return None
+    return f"decoded {w}x{h}, but the plan was made for {task.src_w}x{task.src_h}"
+
+
 def _render(task: RenderTask, clock) -> dict:
     out = {
         "image_id": task.image_id,
@@ -333,6 +348,10 @@ def _render(task: RenderTask, clock) -> dict:
             out.update(status=exc.reason, error=exc.detail)
             return out
         clock("decode")
+        mismatch = _size_mismatch(rgb, task, p.dct_downscale)
+        if mismatch:
+            out.update(status="size_mismatch", error=mismatch)
+            return out
         rgb = resize_cover(rgb, task.resized_w, task.resized_h)
         clock("resize")
         rgb = crop(rgb, task.crop_left, task.crop_top, task.target_w, task.target_h)

@@ -57,8 +57,8 @@ def _probe_task(task: tuple[str | None, str | None, int | None, int | None, int]
     out: dict = {"sha256": None, "byte_size": None, "issue": None, "issue_detail": None}
     try:
         data = read_bytes(location, member, offset, size)  # type: ignore[arg-type]
-    except OSError as exc:
-        out.update(issue="read_error", issue_detail=str(exc))
+    except (OSError, MemoryError, ValueError) as exc:
+        out.update(issue="read_error", issue_detail=str(exc) or type(exc).__name__)
         return out
     out["byte_size"] = len(data)
     out["sha256"] = hashlib.sha256(data).hexdigest()
@@ -80,6 +80,9 @@ def scan_all(spec: Spec, downloads: dict[str, dict[str, dict]] | None = None) ->
     downloads = downloads or {}
     for source in spec.sources:
         for rec in scan_source(source, stats, spec.captions.max_chars, downloads.get(source.name, {}), str(spec.downloads_dir)):
+            if rec.issue == "missing_id":  # a made-up id: it names the row, not an image
+                records.append(rec)
+                continue
             prev = owner.get(rec.image_id)
             if prev is not None and prev != rec.source:
                 raise DuplicateIdError(
@@ -136,3 +139,14 @@ def build_raw_index(
     progress.close()
     table = pa.Table.from_pylist(rows, schema=RAW_INDEX_SCHEMA)
     return table, stats
+
+
+SCAN_SKIPS_SCHEMA = pa.schema([("scope", pa.string()), ("reason", pa.string()), ("count", pa.int64())])
+
+
+def scan_skips_table(stats: ScanStats) -> pa.Table:
+    """What a scan skipped that is not a record: scope 'member' (tar members that are not
+    samples) or 'file' (whole source files that could not be read)."""
+    rows = [{"scope": "member", "reason": k, "count": v} for k, v in sorted(stats.counts.items())]
+    rows += [{"scope": "file", "reason": k, "count": v} for k, v in sorted(stats.files.items())]
+    return pa.Table.from_pylist(rows, schema=SCAN_SKIPS_SCHEMA)

@@ -6,9 +6,13 @@ own caption and metadata. Reading the bytes and probing the header happens later
 
 from __future__ import annotations
 
+import errno
+import os
+import stat
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import BinaryIO, Iterator
 
+from bucket_assets.core.sources import values
 from bucket_assets.spec import FolderSource, ParquetSource, Source, UrlSource, WebDatasetSource
 
 
@@ -34,14 +38,103 @@ class RawRecord:
     notes: list[str] = field(default_factory=list)  # non-fatal flags (invalid_similarity, ...)
 
 
+MAX_NOTES = 200  # detail lines kept per scan (the counts are always complete)
+
+
 @dataclass
 class ScanStats:
-    """Things a scan skipped that are not records of their own (unsafe tar members, ...)."""
+    """Things a scan skipped that are not records of their own: tar members that are not
+    samples (`counts`), and whole source files that could not be read (`files`), with a
+    bounded list of detail lines for the log."""
 
     counts: dict[str, int] = field(default_factory=dict)
+    files: dict[str, int] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
 
     def add(self, reason: str, n: int = 1) -> None:
         self.counts[reason] = self.counts.get(reason, 0) + n
+
+    def add_file(self, reason: str, detail: str) -> None:
+        self.files[reason] = self.files.get(reason, 0) + 1
+        self.note(detail)
+
+    def note(self, detail: str) -> None:
+        if len(self.notes) < MAX_NOTES:
+            self.notes.append(values.text(detail)[0] or "")
+
+
+def check_input_file(path: str, stats: ScanStats, source_name: str) -> bool:
+    """A source file (tar, parquet) is read only if it is a regular file and not a symlink
+    (every source kind refuses links; a FIFO would block the scan forever); otherwise the file
+    is counted under its reason."""
+    try:
+        st = os.lstat(path)
+    except OSError as exc:
+        stats.add_file("unreadable_file", f"source {source_name}: {path}: {exc.strerror or exc}")
+        return False
+    if stat.S_ISLNK(st.st_mode):
+        stats.add_file("symlink", f"source {source_name}: {path} is a symlink (links are not followed)")
+        return False
+    if not stat.S_ISREG(st.st_mode):
+        stats.add_file("not_a_file", f"source {source_name}: {path} is not a regular file")
+        return False
+    if st.st_size == 0:
+        stats.add_file("empty_file", f"source {source_name}: {path} is empty (0 bytes)")
+        return False
+    return True
+
+
+def caption_from_sidecar(data: bytes, cut: bool, max_chars: int) -> tuple[str | None, list[str]]:
+    """A caption file's text from its first bytes (`cut`: the file was longer)."""
+    from bucket_assets.core.captions import clean_caption
+
+    text, replaced = values.decode_prefix(data, cut)
+    caption, flags = clean_caption(text, max_chars)
+    if replaced:
+        flags.insert(0, "caption_not_utf8")
+    if cut and "caption_truncated" not in flags:
+        flags.append("caption_truncated")
+    return caption, flags
+
+
+def finalize(rec: RawRecord) -> RawRecord:
+    """Convert every scanned value to what the raw index can hold (values.*): ids and names
+    that are not UTF-8, NaN, infinities, out-of-range sizes and unsafe JSON never reach it."""
+    notes = rec.notes
+    rec.image_id, bad = values.name(rec.image_id)
+    if bad:
+        notes.append("name_not_utf8")
+    if rec.member is not None:
+        rec.member, _ = values.name(rec.member)
+    if rec.location is not None:
+        loc, bad = values.name(rec.location)
+        if bad and rec.member is None:
+            # A file whose path is not UTF-8 cannot be named in the index (and read back).
+            rec.issue = rec.issue or "name_not_utf8"
+            rec.issue_detail = rec.issue_detail or f"{loc}: the file name is not UTF-8"
+        rec.location = loc
+    if isinstance(rec.caption, (str, bytes)) or rec.caption is None:
+        rec.caption, bad = values.text(rec.caption)
+        if bad and "caption_not_utf8" not in notes:
+            notes.append("caption_not_utf8")
+    for attr in ("url", "nsfw", "license", "caption_field", "issue_detail"):
+        setattr(rec, attr, values.text(getattr(rec, attr))[0])
+    bad_size = False
+    for attr in ("orig_w", "orig_h"):
+        v, bad = values.size(getattr(rec, attr))
+        setattr(rec, attr, v)
+        bad_size |= bad
+    if bad_size:
+        notes.append("invalid_size")
+    rec.similarity, bad = values.number(rec.similarity)
+    if bad:
+        notes.append("invalid_similarity")
+    if rec.meta is not None:
+        meta, flags = values.json_safe(rec.meta)
+        rec.meta = meta if isinstance(meta, dict) else {}
+        notes.extend(sorted(flags - set(notes)))
+    rec.notes = list(dict.fromkeys(notes))
+    return rec
 
 
 def scan_source(source: Source, stats: ScanStats, max_caption_chars: int, downloads: dict[str, dict] | None = None,
@@ -51,15 +144,31 @@ def scan_source(source: Source, stats: ScanStats, max_caption_chars: int, downlo
     from bucket_assets.core.sources import folder, parquet, urls, webdataset
 
     if isinstance(source, WebDatasetSource):
-        yield from webdataset.scan(source, stats, max_caption_chars)
+        records = webdataset.scan(source, stats, max_caption_chars)
     elif isinstance(source, ParquetSource):
-        yield from parquet.scan(source, stats, max_caption_chars)
+        records = parquet.scan(source, stats, max_caption_chars)
     elif isinstance(source, FolderSource):
-        yield from folder.scan(source, stats, max_caption_chars)
+        records = folder.scan(source, stats, max_caption_chars)
     elif isinstance(source, UrlSource):
-        yield from urls.scan(source, stats, max_caption_chars, downloads or {}, str(download_store))
+        records = urls.scan(source, stats, max_caption_chars, downloads or {}, str(download_store))
     else:  # pragma: no cover - the spec's discriminator makes this unreachable
         raise TypeError(f"unknown source kind {source!r}")
+    for rec in records:
+        yield finalize(rec)
+
+
+def open_regular(path: str) -> BinaryIO:
+    """Open an input for reading, refusing what is not a regular file: a FIFO put where an image
+    was would block forever, so the open does not wait and the type is checked on the open file."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(f"{path}: not a regular file")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 _COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00")
@@ -67,12 +176,21 @@ _COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00")
 
 def read_bytes(location: str, member: str | None, offset: int | None, size: int | None) -> bytes:
     """The image bytes of a record: a plain file, a seek into an uncompressed tar, or a tar member."""
+    try:
+        f = open_regular(location)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise OSError(f"{location}: is a symlink (links are not followed)") from None
+        raise
     if member is None:
-        with open(location, "rb") as f:
+        with f:
             return f.read()
-    with open(location, "rb") as f:
+    with f:
         compressed = f.read(6).startswith(_COMPRESSED_MAGIC)
         if offset is not None and size is not None and not compressed:
+            total = os.fstat(f.fileno()).st_size
+            if offset + size > total:  # never ask for bytes a (cut or lying) tar does not have
+                raise OSError(f"{location}: member {member} is truncated ({max(0, total - offset)} of {size} bytes)")
             f.seek(offset)
             data = f.read(size)
             if len(data) != size:
@@ -85,7 +203,7 @@ def read_bytes(location: str, member: str | None, offset: int | None, size: int 
     try:
         with tarfile.open(location, "r:*") as tf:
             for m in tf:
-                if m.name == member and (offset is None or m.offset_data == offset):
+                if values.name(m.name)[0] == member and (offset is None or m.offset_data == offset):
                     if not m.isfile():
                         raise OSError(f"{location}: member {member} is not a regular file")
                     return tf.extractfile(m).read()

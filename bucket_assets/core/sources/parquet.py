@@ -8,8 +8,9 @@ from typing import Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from bucket_assets.core.captions import as_float, clean_caption
+from bucket_assets.core.captions import clean_caption
 from bucket_assets.core.sources import RawRecord, ScanStats
+from bucket_assets.core.sources.values import is_regular_file
 from bucket_assets.spec import ParquetColumns, ParquetSource
 
 
@@ -27,11 +28,11 @@ def _text(value) -> str | bytes | None:
     return str(value)
 
 
-def _int(value) -> int | None:
-    try:
-        return None if value is None else int(value)
-    except (TypeError, ValueError):
-        return None
+def missing_id(source_name: str, path: str, row: int, meta: dict) -> RawRecord:
+    """A row without an id is still a record: it is counted under reason missing_id."""
+    stem = os.path.basename(path).rsplit(".", 1)[0]
+    return RawRecord(image_id=f"{stem}-{row}", source=source_name, location=None, meta=meta,
+                     issue="missing_id", issue_detail=f"{path}: row {row} has a null id")
 
 
 def scan(source: ParquetSource, stats: ScanStats, max_caption_chars: int) -> Iterator[RawRecord]:
@@ -45,6 +46,8 @@ def scan(source: ParquetSource, stats: ScanStats, max_caption_chars: int) -> Ite
         "url": cols.url,
         "license": cols.license,
     }
+    if not is_regular_file(source.path):
+        raise SourceError(f"source {source.name}: {source.path} is not a regular file (symlinks and FIFOs are not read)")
     try:
         schema = pq.read_schema(source.path)
     except Exception as exc:  # noqa: BLE001
@@ -73,12 +76,14 @@ def scan(source: ParquetSource, stats: ScanStats, max_caption_chars: int) -> Ite
 
     pf = pq.ParquetFile(source.path)
     names = list(schema.names)
+    row = 0
     for batch in pf.iter_batches(batch_size=65536):
         data = {n: batch.column(n).to_pylist() for n in names}
         for i in range(batch.num_rows):
+            row += 1
             raw_id = data[cols.id][i]
             if raw_id is None:
-                stats.add("null_id")
+                yield missing_id(source.name, source.path, row - 1, {n: data[n][i] for n in names})
                 continue
             image_id = str(raw_id)
             rec = RawRecord(image_id=image_id, source=source.name, location=None, meta={n: data[n][i] for n in names})
@@ -106,14 +111,12 @@ def fill_from_columns(rec: RawRecord, value, cols: ParquetColumns, max_caption_c
             rec.caption, rec.caption_field = fb, cols.fallback_caption
             rec.notes.extend(flags)
     if cols.width and cols.height:
-        rec.orig_w, rec.orig_h = _int(value(cols.width)), _int(value(cols.height))
+        rec.orig_w, rec.orig_h = value(cols.width), value(cols.height)  # checked by sources.finalize
     if cols.url:
         rec.url = _text(value(cols.url))
     if cols.license:
         rec.license = _text(value(cols.license))
     if getattr(cols, "similarity", None):
-        rec.similarity, bad = as_float(value(cols.similarity))
-        if bad:
-            rec.notes.append("invalid_similarity")
+        rec.similarity = value(cols.similarity)  # checked by sources.finalize
     if getattr(cols, "nsfw", None):
         rec.nsfw = _text(value(cols.nsfw))

@@ -12,7 +12,8 @@ import pyarrow.parquet as pq
 
 from bucket_assets.core.download import blob_path
 from bucket_assets.core.sources import RawRecord, ScanStats
-from bucket_assets.core.sources.parquet import SourceError, fill_from_columns
+from bucket_assets.core.sources.parquet import SourceError, fill_from_columns, missing_id
+from bucket_assets.core.sources.values import is_regular_file
 from bucket_assets.spec import UrlSource
 
 _NUMERIC = ("width", "height")
@@ -47,21 +48,26 @@ def _check_schema(source: UrlSource, path: str) -> list[str]:
     return [c for c in cols.model_dump().values() if c is not None]
 
 
-def _rows(source: UrlSource) -> Iterator[dict]:
+def _rows(source: UrlSource) -> Iterator[tuple[str, int, dict]]:
+    """(file, row index in the file, row) for every row of every file."""
     for path in files(source):
+        if not is_regular_file(path):
+            raise SourceError(f"source {source.name}: {path} is not a regular file (symlinks and FIFOs are not read)")
         names = sorted(set(_check_schema(source, path)))
         pf = pq.ParquetFile(path)
+        row = 0
         for batch in pf.iter_batches(batch_size=65536, columns=names):
             data = {n: batch.column(n).to_pylist() for n in names}
             for i in range(batch.num_rows):
-                yield {n: data[n][i] for n in names}
+                yield path, row, {n: data[n][i] for n in names}
+                row += 1
 
 
 def url_requests(source: UrlSource) -> Iterator[tuple[str, str]]:
     """(image_id, url) for every row with an id, in file then row order."""
     cols = source.columns
     seen: set[str] = set()
-    for row in _rows(source):
+    for _path, _i, row in _rows(source):
         if row[cols.id] is None or str(row[cols.id]) in seen:
             continue
         seen.add(str(row[cols.id]))
@@ -74,17 +80,18 @@ def scan(source: UrlSource, stats: ScanStats, max_caption_chars: int, downloads:
     """`downloads`: image_id -> the url_downloads row for this source."""
     cols = source.columns
     seen: set[str] = set()
-    for row in _rows(source):
+    for path, i, row in _rows(source):
         raw_id = row[cols.id]
         if raw_id is None:
-            stats.add("null_id")
+            yield missing_id(source.name, path, i, row)
             continue
         image_id = str(raw_id)
+        rec = RawRecord(image_id=image_id, source=source.name, location=None, meta=row)
         if image_id in seen:  # the first row with an id is the one fetched and indexed
-            stats.add("duplicate_id")
+            rec.issue, rec.issue_detail = "duplicate_id", f"{path}: row {i}: an earlier row has this id"
+            yield rec
             continue
         seen.add(image_id)
-        rec = RawRecord(image_id=image_id, source=source.name, location=None, meta=row)
         fill_from_columns(rec, row.__getitem__, cols, max_caption_chars)
         got = downloads.get(image_id)
         if got is None or got["url"] != (rec.url or ""):

@@ -1,22 +1,36 @@
-"""LAION / img2dataset-style WebDataset tar shards: <key>.jpg + <key>.txt + <key>.json."""
+"""LAION / img2dataset-style WebDataset tar shards: <key>.jpg + <key>.txt + <key>.json.
+
+Tars from the web are often damaged: 0-byte or cut by an interrupted download, a header
+overwritten, a size field claiming 64 GiB. The reader keeps every member it can find, resumes
+after a damaged header at the next valid one (uncompressed tars), and counts what it skipped;
+a whole tar it cannot read is a per-file reason, never an error that stops the scan.
+"""
 
 from __future__ import annotations
 
 import glob
-import json
+import io
 import lzma
+import os
 import posixpath
 import tarfile
 import zlib
-from typing import Iterator
+from typing import BinaryIO, Iterator
 
-from bucket_assets.core.captions import as_float, clean_caption
-from bucket_assets.core.sources import RawRecord, ScanStats
+from bucket_assets.core.captions import clean_caption
+from bucket_assets.core.sources import RawRecord, ScanStats, caption_from_sidecar, check_input_file
+from bucket_assets.core.sources.values import caption_bytes_limit, load_json_object, read_prefix
 from bucket_assets.spec import WebDatasetSource
 
-_MAX_SIDECAR = 4 << 20  # a .txt/.json larger than this is not metadata
-# What reading a damaged (possibly compressed) tar can raise: a cut gzip stream is an EOFError.
-_TAR_ERRORS = (tarfile.TarError, OSError, EOFError, zlib.error, lzma.LZMAError)
+# A .json sidecar larger than this is not parsed; its record is skipped as json_too_large
+# (its similarity and NSFW tag are unknown, so it must not pass the filters by default).
+MAX_JSON_SIDECAR = 32 << 20
+# What reading a damaged (possibly compressed) tar can raise: a cut gzip stream is an EOFError;
+# a header whose size field is huge can make tarfile ask for that many bytes.
+_TAR_ERRORS = (tarfile.TarError, OSError, EOFError, zlib.error, lzma.LZMAError, MemoryError, ValueError,
+               OverflowError)
+_COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00")
+_BLOCK = 512
 
 
 def _split_key(name: str) -> tuple[str, str]:
@@ -42,97 +56,205 @@ def _get(meta: dict, *keys: str):
     return None
 
 
-def _as_int(v) -> int | None:
-    try:
-        return int(v) if v is not None and not isinstance(v, bool) else None
-    except (TypeError, ValueError):
-        return None
+class _Clamped(io.RawIOBase):
+    """A file whose reads never ask for more than is left: tarfile reads a GNU long name or
+    PAX header of the size its header claims, and a claim of 64 GiB would allocate that much."""
+
+    def __init__(self, f: BinaryIO, size: int):
+        self.f, self.size = f, size
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def read(self, n: int = -1) -> bytes:
+        left = max(0, self.size - self.f.tell())
+        return self.f.read(left if n is None or n < 0 else min(n, left))
+
+    def readinto(self, b) -> int:
+        data = self.read(len(b))
+        b[: len(data)] = data
+        return len(data)
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self.f.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self.f.tell()
 
 
 def scan(source: WebDatasetSource, stats: ScanStats, max_caption_chars: int) -> Iterator[RawRecord]:
     exts = {e.lower().lstrip(".") for e in source.image_extensions}
     files = sorted({p for pattern in source.paths for p in glob.glob(pattern)})
     for path in files:
-        yield from _scan_tar(path, source, exts, stats, max_caption_chars)
+        if check_input_file(path, stats, source.name):
+            yield from _scan_tar(path, source, exts, stats, max_caption_chars)
+
+
+def _valid_header(buf: bytes) -> bool:
+    if len(buf) != _BLOCK or buf[257:262] != b"ustar":
+        return False
+    try:
+        tarfile.TarInfo.frombuf(buf, "utf-8", "surrogateescape")
+        return True
+    except tarfile.HeaderError:
+        return False
+
+
+def _resync(f: BinaryIO, start: int, size: int) -> int | None:
+    """Offset of the next valid USTAR/GNU header at or after `start` (byte granularity, so a
+    shifted remainder is found too), or None."""
+    chunk = 1 << 20
+    pos = start
+    while pos < size:
+        f.seek(pos)
+        data = f.read(chunk + _BLOCK)
+        i = data.find(b"ustar", 257)
+        while i != -1:
+            cand = pos + i - 257
+            if cand >= start:
+                f.seek(cand)
+                if _valid_header(f.read(_BLOCK)):
+                    return cand
+            i = data.find(b"ustar", i + 1)
+        pos += chunk
+    return None
+
+
+def _clean_end(f: BinaryIO, pos: int, size: int) -> bool:
+    """The archive ends at `pos`: end of file, or zero blocks."""
+    if pos >= size:
+        return pos == size
+    f.seek(pos)
+    rest = f.read(2 * _BLOCK)
+    return len(rest) >= _BLOCK and not rest.strip(b"\0")
+
+
+def _members(path: str, stats: ScanStats, source_name: str) -> Iterator[tuple[tarfile.TarFile, tarfile.TarInfo]]:
+    size = os.path.getsize(path)
+    raw = open(path, "rb")
+    try:
+        compressed = raw.read(6).startswith(_COMPRESSED_MAGIC)
+        raw.seek(0)
+        f = raw if compressed else _Clamped(raw, size)
+        try:
+            tf = tarfile.open(fileobj=f, mode="r:*")  # type: ignore[arg-type]
+        except _TAR_ERRORS as exc:
+            stats.add_file("unreadable_tar", f"source {source_name}: cannot open tar {path}: {_first_line(exc)}")
+            return
+        while True:
+            try:
+                m = tf.next()
+                err = None
+            except _TAR_ERRORS as exc:
+                m, err = None, exc
+            if m is not None:
+                yield tf, m
+                continue
+            if compressed:
+                if err is not None:
+                    stats.add("truncated_tar")
+                    stats.note(f"source {source_name}: {path}: {_first_line(err)}")
+                return
+            pos = tf.offset
+            if err is None and _clean_end(raw, pos, size):
+                return
+            resume = _resync(raw, pos + 1, size) if pos < size else None
+            if resume is None:
+                stats.add("truncated_tar")
+                stats.note(f"source {source_name}: {path}: cut at byte {min(pos, size)} of {size}")
+                return
+            # A damaged header: what lies between here and the next valid header is lost; the
+            # rest of the tar is read on.
+            stats.add("damaged_tar_region")
+            stats.note(f"source {source_name}: {path}: damaged header at byte {pos}, resumed at {resume}")
+            tf.offset = resume
+            raw.seek(resume)
+            tf._loaded = False  # noqa: SLF001 - next() set it at the damaged header
+    finally:
+        raw.close()
+
+
+def _first_line(exc: BaseException) -> str:
+    s = str(exc)
+    return s.splitlines()[0] if s else type(exc).__name__
 
 
 def _scan_tar(path, source, exts, stats, max_chars) -> Iterator[RawRecord]:
     samples: dict[str, dict[str, tarfile.TarInfo]] = {}
     order: list[str] = []
-    sidecars: dict[tuple[str, str], bytes] = {}
-    try:
-        tf = tarfile.open(path, "r:*")
-    except _TAR_ERRORS as exc:
-        stats.add("unreadable_tar")
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise OSError(f"source {source.name}: cannot open tar {path}: {first}") from None
-    with tf:
-        try:
-            for m in tf:
-                if not _safe(m):
-                    stats.add("unsafe_tar_member")
-                    continue
-                key, ext = _split_key(m.name)
-                if not key or not ext:
-                    stats.add("unkeyed_tar_member")
-                    continue
-                parts = samples.get(key)
-                if parts is None:
-                    parts = samples[key] = {}
-                    order.append(key)
-                if ext in parts:
-                    # The same key twice: keep the second as its own sample so it is accounted.
-                    stats.add("duplicate_tar_member")
-                    continue
-                parts[ext] = m
-                if ext in ("txt", "json") and m.size <= _MAX_SIDECAR:
-                    f = tf.extractfile(m)
-                    sidecars[(key, ext)] = f.read() if f else b""
-        except _TAR_ERRORS:
-            stats.add("truncated_tar")
+    sidecars: dict[tuple[str, str], tuple[bytes, bool]] = {}
+    txt_limit = caption_bytes_limit(max_chars)
+    for tf, m in _members(path, stats, source.name):
+        if not _safe(m):
+            stats.add("unsafe_tar_member")
+            continue
+        key, ext = _split_key(m.name)
+        if not key or not ext:
+            stats.add("unkeyed_tar_member")
+            continue
+        parts = samples.get(key)
+        if parts is None:
+            parts = samples[key] = {}
+            order.append(key)
+        if ext in parts:
+            # The same key twice: the first is the sample, the second is counted.
+            stats.add("duplicate_tar_member")
+            continue
+        parts[ext] = m
+        if ext in ("txt", "json"):
+            limit = txt_limit if ext == "txt" else MAX_JSON_SIDECAR
+            if ext == "json" and m.size > limit:
+                sidecars[(key, ext)] = (b"", True)
+                continue
+            try:
+                fobj = tf.extractfile(m)
+                sidecars[(key, ext)] = read_prefix(fobj, limit) if fobj else (b"", False)
+            except _TAR_ERRORS:
+                sidecars[(key, ext)] = (b"", True) if ext == "json" else (b"", False)
     for key in order:
         parts = samples[key]
         # "a.key.jpg" is field "key.jpg" of key "a": an image by its last suffix, as webdataset decodes it.
-        image_exts = [e for e in parts if e.rsplit(".", 1)[-1] in exts]
+        image_exts = sorted(e for e in parts if e.rsplit(".", 1)[-1] in exts)
         rec = RawRecord(image_id=key, source=source.name, location=path)
         if not image_exts:
             rec.issue = "missing_image"
             rec.issue_detail = f"{path}: key {key} has no image member (has {', '.join(sorted(parts))})"
         else:
-            m = parts[sorted(image_exts)[0]]
+            if len(image_exts) > 1:
+                stats.add("extra_image_member", len(image_exts) - 1)
+            m = parts[image_exts[0]]
             rec.member = m.name
             rec.size = m.size
             rec.offset = m.offset_data  # in the decompressed stream for a compressed tar
         txt = sidecars.get((key, "txt"))
         if txt is not None:
-            rec.caption, flags = clean_caption(txt, max_chars)
+            rec.caption, flags = caption_from_sidecar(txt[0], txt[1], max_chars)
             rec.caption_field = "txt"
             rec.notes.extend(flags)
         raw_json = sidecars.get((key, "json"))
         if raw_json is not None:
-            try:
-                meta = json.loads(raw_json.decode("utf-8", errors="replace"))
-            except json.JSONDecodeError:
+            data, too_large = raw_json
+            if too_large:
+                rec.issue = rec.issue or "json_too_large"
+                rec.issue_detail = rec.issue_detail or (
+                    f"{path}: {key}.json is over {MAX_JSON_SIDECAR >> 20} MiB or unreadable; its filters cannot be applied")
                 meta = None
-            if not isinstance(meta, dict):
-                rec.notes.append("json_not_object")
-                meta = {}
+            else:
+                meta, flags = load_json_object(data)
+                rec.notes.extend(sorted(flags))
+            meta = meta or {}
             rec.meta = meta
-            rec.url = _str(_get(meta, "url", "URL"))
-            sim = _get(meta, "similarity", "SIMILARITY")
-            rec.similarity, bad = as_float(sim)
-            if bad:
-                rec.notes.append("invalid_similarity")
-            rec.nsfw = _str(_get(meta, "NSFW", "nsfw"))
-            rec.license = _str(_get(meta, "LICENSE", "license"))
-            rec.orig_w = _as_int(_get(meta, "original_width", "WIDTH", "width"))
-            rec.orig_h = _as_int(_get(meta, "original_height", "HEIGHT", "height"))
+            rec.url = _get(meta, "url", "URL")
+            rec.similarity = _get(meta, "similarity", "SIMILARITY")
+            rec.nsfw = _get(meta, "NSFW", "nsfw")
+            rec.license = _get(meta, "LICENSE", "license")
+            rec.orig_w = _get(meta, "original_width", "WIDTH", "width")
+            rec.orig_h = _get(meta, "original_height", "HEIGHT", "height")
             if rec.caption is None and isinstance(_get(meta, "caption", "TEXT"), str):
                 rec.caption, flags = clean_caption(_get(meta, "caption", "TEXT"), max_chars)
                 rec.caption_field = "json.caption"
                 rec.notes.extend(flags)
         yield rec
-
-
-def _str(v) -> str | None:
-    return None if v is None else str(v)

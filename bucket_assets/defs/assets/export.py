@@ -171,8 +171,9 @@ def export_manifest_asset(bucket_shards: dg.AssetsDefinition) -> dg.AssetsDefini
                    WHERE c.status = 'ok' AND length(trim(c.text)) > 0
                      AND c.image_id IN (SELECT image_id FROM shard_samples) GROUP BY ALL"""
             ).fetchall())
-            scan_skips = dict(con.execute("SELECT reason, count FROM scan_skips").fetchall())
-            summ = summary(con, scan_skips)
+            scan_skips = dict(con.execute("SELECT reason, count FROM scan_skips WHERE scope = 'member'").fetchall())
+            file_skips = dict(con.execute("SELECT reason, count FROM scan_skips WHERE scope = 'file'").fetchall())
+            summ = summary(con, scan_skips, file_skips)
         by_bucket: dict[str, list[dict]] = {}
         for bucket_id, path, samples, nbytes, sha in shard_rows:
             by_bucket.setdefault(bucket_id, []).append({"path": path, "samples": samples, "bytes": nbytes, "sha256": sha})

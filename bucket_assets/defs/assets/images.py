@@ -65,7 +65,7 @@ def processed_images_asset(partitions: dg.PartitionsDefinition) -> dg.AssetsDefi
             plan = con.execute(
                 """SELECT a.image_id, a.bucket_id, a.key, r.sha256, r.location, r.member, r.data_offset,
                           r.byte_size, a.scale, a.resized_w, a.resized_h, a.crop_left, a.crop_top,
-                          a.target_w, a.target_h, r.orientation
+                          a.target_w, a.target_h, r.orientation, r.width, r.height
                    FROM bucket_assignments a
                    JOIN filtered_images f ON f.image_id = a.image_id AND f.decision = 'keep'
                    JOIN raw_index r ON r.row_id = f.row_id
@@ -84,7 +84,7 @@ def processed_images_asset(partitions: dg.PartitionsDefinition) -> dg.AssetsDefi
                 previous[(b, key)] = row
         tasks = [
             RenderTask(*row[:15], store_dir=store_dir(spec.processed_dir, row[1]), params=params,
-                       orientation=row[15], store_token=context.run.run_id)
+                       orientation=row[15], src_w=row[16], src_h=row[17], store_token=context.run.run_id)
             for row in plan
         ]
         results: dict[int, dict] = {}

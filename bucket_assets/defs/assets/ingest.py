@@ -8,7 +8,7 @@ from bucket_assets.core.buckets import bucket_table
 from bucket_assets.core.db import replace_table, table_exists, transaction
 from bucket_assets.core.filters import apply_filters
 from bucket_assets.core.parallel import resolve_workers
-from bucket_assets.core.raw_index import build_raw_index
+from bucket_assets.core.raw_index import build_raw_index, scan_skips_table
 from bucket_assets.defs.assets.downloads import url_downloads
 from bucket_assets.defs.metadata import md_counts
 from bucket_assets.defs.resources import DatasetResource
@@ -28,22 +28,24 @@ def raw_index(context: dg.AssetExecutionContext, dataset: DatasetResource) -> dg
                 downloads.setdefault(row["source"], {})[row["image_id"]] = row
     table, stats = build_raw_index(spec, resolve_workers(spec.image.workers), context.log.info, downloads)
     skips = sorted(stats.counts.items())
+    file_skips = sorted(stats.files.items())
     with dataset.db() as con:
         with transaction(con, "raw_index"):
             replace_table(con, "raw_index", table)
-            replace_table(
-                con,
-                "scan_skips",
-                pa.table({"reason": [k for k, _ in skips], "count": [v for _, v in skips]}, schema=pa.schema([("reason", pa.string()), ("count", pa.int64())])),
-            )
+            replace_table(con, "scan_skips", scan_skips_table(stats))
         by_source = con.execute("SELECT source, count(*) FROM raw_index GROUP BY source ORDER BY source").fetchall()
     for reason, n in skips:
         context.log.warning(f"skipped {n} source member(s): {reason}")
+    for reason, n in file_skips:
+        context.log.warning(f"skipped {n} source file(s): {reason}")
+    for line in stats.notes:
+        context.log.warning(line)
     return dg.MaterializeResult(
         metadata={
             "dagster/row_count": table.num_rows,
             "records_by_source": md_counts(by_source),
             "members_skipped": dict(skips),
+            "source_files_skipped": dict(file_skips),
         }
     )
 
