@@ -7,6 +7,7 @@ inputs exist; it runs before any work in `bucket-assets build` and in the first 
 
 from __future__ import annotations
 
+import fnmatch
 import glob
 import hashlib
 import json
@@ -15,8 +16,19 @@ import re
 from pathlib import Path
 from typing import Annotated, Literal, Union
 
+import annotated_types as at
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    ValidationInfo,
+    WrapValidator,
+    field_validator,
+)
+from pydantic_core import PydanticCustomError
 
 DEFAULT_SPEC_PATH = "data/spec.yaml"
 SPEC_ENV_VAR = "BUCKET_ASSETS_SPEC"
@@ -29,7 +41,27 @@ class SpecError(ValueError):
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # No NaN/inf anywhere: they pass or confuse every range check (NaN >= 0 is False, not an error).
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+def _num(tp: type, lo: float, hi: float, *, lo_open: bool = False, note: str = ""):
+    """An int or finite float in [lo, hi] ((lo, hi] with lo_open); every failure, wrong type
+    included, says the bound. Integral floats (100.0) stay accepted for ints, as pydantic does."""
+    kind = "an integer" if tp is int else "a finite number"
+    span = f"greater than {lo} and at most {hi}" if lo_open else f"between {lo} and {hi}"
+    msg = f"must be {kind} {span}{f' ({note})' if note else ''}"
+
+    def check(value, handler):
+        try:
+            return handler(value)
+        except ValidationError:
+            raise PydanticCustomError("out_of_bounds", msg) from None
+
+    return Annotated[tp, at.Gt(lo) if lo_open else at.Ge(lo), at.Le(hi), WrapValidator(check)]
+
+
+GiB = 1 << 30
 
 
 def _check_name(value: str) -> str:
@@ -92,14 +124,15 @@ class UrlColumns(ParquetColumns):
 
 
 class Download(_Model):
-    concurrency: int = Field(default=16, ge=1, le=512)
-    per_host: int = Field(default=4, ge=1, le=512)
-    timeout_s: float = Field(default=10.0, gt=0, le=3600)
-    retries: int = Field(default=3, ge=0, le=20)
-    backoff_s: float = Field(default=0.5, ge=0, le=600)  # first retry's wait; doubles per retry
-    max_backoff_s: float = Field(default=30.0, ge=0, le=3600)
-    max_bytes: int = Field(default=50_000_000, ge=1)
-    max_redirects: int = Field(default=5, ge=0, le=50)
+    concurrency: _num(int, 1, 512) = 16
+    per_host: _num(int, 1, 512) = 4
+    timeout_s: _num(float, 0, 3600, lo_open=True) = 10.0
+    retries: _num(int, 0, 20) = 3
+    backoff_s: _num(float, 0, 600) = 0.5  # first retry's wait; doubles per retry
+    max_backoff_s: _num(float, 0, 3600) = 30.0
+    # The body is held in memory while it downloads.
+    max_bytes: _num(int, 1, 4 * GiB, note="4 GiB") = 50_000_000
+    max_redirects: _num(int, 0, 50) = 5
     user_agent: str = Field(default="bucket_assets/0.1 (dataset builder)", min_length=1, max_length=300)
 
 
@@ -121,17 +154,18 @@ Source = Annotated[Union[WebDatasetSource, ParquetSource, FolderSource, UrlSourc
 
 
 class Filters(_Model):
-    min_similarity: float | None = 0.3
+    # A CLIP cosine similarity; NaN would silently drop every record.
+    min_similarity: _num(float, -1, 1) | None = 0.3
     drop_nsfw: list[str] = ["NSFW"]
     drop_blank: bool = True
     # Luma standard deviation (0-255) of the image below which it is blank (a uniform placeholder).
-    blank_std_threshold: float = Field(default=2.0, ge=0)
+    blank_std_threshold: _num(float, 0, 255) = 2.0
     drop_duplicates: bool = True
 
 
 class Buckets(_Model):
     base_resolutions: list[int] = Field(default=[512], min_length=1)
-    divisible: int = Field(default=32, ge=1)
+    divisible: _num(int, 1, 256) = 32
 
     @field_validator("base_resolutions")
     @classmethod
@@ -142,17 +176,32 @@ class Buckets(_Model):
             raise ValueError("base resolutions must be distinct")
         return v
 
+    @field_validator("divisible")
+    @classmethod
+    def _divisible_fits(cls, v: int, info: ValidationInfo) -> int:
+        # scale_side clamps a side below divisible / 2 up to one multiple, so past the smallest
+        # side the targets stop following their proto aspect (core/buckets.py).
+        from bucket_assets.core.buckets import PROTO_BASE, PROTO_BUCKETS
+
+        bases = info.data.get("base_resolutions")  # absent when it failed its own check
+        if bases:
+            base = min(bases)
+            side = min(min(p) for p in PROTO_BUCKETS) * base // PROTO_BASE
+            if v > side:
+                raise ValueError(f"must be at most {side}, the smallest bucket side at base resolution {base}")
+        return v
+
 
 class Crop(_Model):
     strategy: Literal["corner", "center"] = "corner"
     allowed_corners: list[Literal[0, 1, 2, 3]] = Field(default=[2, 3], min_length=1)
-    jitter: int = Field(default=0, ge=0)
+    jitter: _num(int, 0, 4096) = 0
 
 
 class Jpeg(_Model):
-    quality: int = Field(default=95, ge=1, le=100)
+    quality: _num(int, 1, 100) = 95
     subsampling: Literal["adaptive_scale", "4:4:4", "4:2:2", "4:2:0"] = "adaptive_scale"
-    adaptive_threshold: float = Field(default=0.85, gt=0, le=1)
+    adaptive_threshold: _num(float, 0, 1, lo_open=True) = 0.85
 
 
 class ImageSpec(_Model):
@@ -160,9 +209,10 @@ class ImageSpec(_Model):
     crop: Crop = Crop()
     jpeg: Jpeg = Jpeg()
     # Images whose declared pixel count exceeds this are rejected as too_large before decoding.
-    max_pixels: int = Field(default=100_000_000, ge=1)
+    # 1 Gpx is ~3 GB decoded per worker.
+    max_pixels: _num(int, 1, 1_000_000_000) = 100_000_000
     # Worker processes for decode/resize/encode; 0 means one per CPU core.
-    workers: int = Field(default=0, ge=0)
+    workers: _num(int, 0, 1024) = 0
     # Approximate mode (opt-in): JPEGs decode at a 1/2, 1/4 or 1/8 DCT scale that is still at
     # least twice the resized size, then the same torch resize. Faster on large originals;
     # pixels differ slightly (PSNR in the README).
@@ -175,7 +225,8 @@ class Captions(_Model):
         default=["caption_gemini_2_flash_lite", "caption_mistral_medium_3_1", "alt_text"], min_length=1
     )
     missing: Literal["empty", "drop"] = "empty"
-    max_chars: int = Field(default=20_000, ge=1)
+    # Passed to DuckDB as a 32-bit INTEGER; past that the landing sources fail to load.
+    max_chars: _num(int, 1, 10_000_000) = 20_000
 
     @field_validator("selectors")
     @classmethod
@@ -185,14 +236,29 @@ class Captions(_Model):
         return selectors
 
 
+_SIZE_RE = re.compile(r"^([0-9]+(?:\.[0-9]+)?)\s*(KB|MB|GB|TB|KiB|MiB|GiB|TiB)$")
+_UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40}
+# A 16MB DuckDB runs out of memory sorting 2M rows instead of spilling; 16TB is past any machine's RAM.
+_MEMORY_MIN, _MEMORY_MAX = 64 * 10**6, 16 * 10**12
+
+
 class Metadata(_Model):
     # DuckDB working-memory cap for the metadata tables; bigger operations spill to work_dir.
-    memory_limit: str = Field(default="3GB", pattern=r"^[0-9]+(\.[0-9]+)?\s*(KB|MB|GB|TB|KiB|MiB|GiB|TiB)$")
+    # Units as DuckDB reads them: KB = 1000 bytes, KiB = 1024.
+    memory_limit: str = "3GB"
+
+    @field_validator("memory_limit")
+    @classmethod
+    def _memory(cls, v: str) -> str:
+        m = _SIZE_RE.match(v)
+        if not m or not _MEMORY_MIN <= float(m.group(1)) * _UNITS[m.group(2)] <= _MEMORY_MAX:
+            raise ValueError("must be a size like 3GB (KB, MB, GB, TB, KiB, MiB, GiB, TiB) between 64MB and 16TB")
+        return v
 
 
 class Shards(_Model):
-    max_samples: int = Field(default=1000, ge=1)
-    max_bytes: int = Field(default=1_000_000_000, ge=10_000)
+    max_samples: _num(int, 1, 1_000_000) = 1000
+    max_bytes: _num(int, 10_000, 64 * GiB, note="64 GiB") = 1_000_000_000
 
 
 class Spec(_Model):
@@ -328,32 +394,95 @@ def _inside(child: str, parent: str) -> bool:
     return c == p or p in c.parents
 
 
+_ESCAPED = re.compile(r"\[([*?[])\]")  # glob.escape's form of a literal *, ? or [
+
+
+def _real_pattern(pattern: str) -> list[str]:
+    """A glob's components, its literal prefix with symlinks resolved (and escaped again, so
+    every component is a pattern)."""
+    parts = Path(os.path.abspath(pattern)).parts
+    literal: list[str] = []
+    for part in parts:
+        plain = _ESCAPED.sub(r"\1", part)
+        if glob.escape(plain) != part:
+            break  # the first component with real magic
+        literal.append(plain)
+    real = Path(os.path.realpath(os.path.join(*literal))).parts
+    return [glob.escape(c) for c in real] + list(parts[len(literal):])
+
+
+def _compatible(dir_parts: tuple[str, ...], pattern_parts: list[str]) -> bool:
+    """Whether, component by component with fnmatch, one side can be a prefix of the other."""
+    for d, p in zip(dir_parts, pattern_parts):
+        if p == "**":
+            return True  # reads as any depth (glob's recursive form): assume it can match anything below
+        if not fnmatch.fnmatchcase(d, p):
+            return False
+    return True
+
+
+def _pattern_overlaps(pattern: str, directory: str) -> bool:
+    """Whether the files a glob (or an escaped plain path) can match and a dir overlap.
+
+    Refused: a file under the dir could match (src/*/*/*.tar vs src/export), the pattern can match
+    the dir or an ancestor, or the dir is inside a directory the pattern's files live in (the
+    literal rule for plain paths). Together: the dir and the pattern's directory part are
+    prefix-compatible."""
+    return _compatible(Path(os.path.realpath(directory)).parts, _real_pattern(pattern)[:-1])
+
+
+def _match_overlaps(match: str, directory: str) -> bool:
+    """Whether a file a glob matches now, through its symlinks, is inside the dir, or the dir is
+    inside that file's directory."""
+    real = os.path.realpath(match)
+    return _inside(real, directory) or _inside(directory, os.path.dirname(real))
+
+
+def _check_is_dir(key: str, path: str) -> None:
+    """The dir, or else its nearest existing ancestor, must be a directory (mkdir fails otherwise)."""
+    p = path
+    while not os.path.lexists(p) and os.path.dirname(p) != p:
+        p = os.path.dirname(p)
+    if os.path.lexists(p) and not os.path.isdir(p):
+        raise SpecError(f"spec error at {key}: {p} is not a directory")
+
+
 def check_paths(spec: Spec) -> None:
     """Fail with one line naming the key when an input is missing or an output overlaps an input."""
+    outs = (("output_dir", spec.output_dir), ("work_dir", spec.work_dir))
+    for key, out in outs:
+        _check_is_dir(key, out)
     for i, s in enumerate(spec.sources):
         where = f"sources[{i}]"
+        # (glob of the source's files, the path as written, its current matches); a directory d
+        # is escape(d)/* with no matches listed (the folder reader walks it).
+        inputs: list[tuple[str, str, list[str]]] = []
         if isinstance(s, WebDatasetSource):
             for j, pattern in enumerate(s.paths):
-                if not glob.glob(pattern):
+                inputs.append((pattern, pattern, glob.glob(pattern)))
+                if not inputs[-1][2]:
                     raise SpecError(f"spec error at {where}.paths[{j}]: no file matches {pattern}")
-            inputs = [os.path.dirname(p) for p in s.paths]
         elif isinstance(s, UrlSource):
-            if not glob.glob(s.path):
+            inputs.append((s.path, s.path, glob.glob(s.path)))
+            if not inputs[-1][2]:
                 raise SpecError(f"spec error at {where}.path: no file matches {s.path}")
-            inputs = [os.path.dirname(s.path)]
         elif isinstance(s, ParquetSource):
             if not os.path.isfile(s.path):
                 raise SpecError(f"spec error at {where}.path: file {s.path} does not exist")
             if not os.path.isdir(s.image_dir):
                 raise SpecError(f"spec error at {where}.image_dir: directory {s.image_dir} does not exist")
-            inputs = [s.image_dir, os.path.dirname(s.path)]
+            inputs.append((glob.escape(s.path), s.path, [s.path]))
+            inputs.append((os.path.join(glob.escape(s.image_dir), "*"), s.image_dir, []))
         else:
             if not os.path.isdir(s.path):
                 raise SpecError(f"spec error at {where}.path: directory {s.path} does not exist")
-            inputs = [s.path]
-        for d in inputs:
-            for key, out in (("output_dir", spec.output_dir), ("work_dir", spec.work_dir)):
-                if _inside(out, d) or _inside(d, out):
-                    raise SpecError(f"spec error at {key}: {out} overlaps the input {where} ({d})")
+            inputs.append((os.path.join(glob.escape(s.path), "*"), s.path, []))
+        for pattern, shown, matches in inputs:
+            for key, out in outs:
+                if _pattern_overlaps(pattern, out):
+                    raise SpecError(f"spec error at {key}: {out} overlaps the input {where} ({shown})")
+                for m in matches:
+                    if _match_overlaps(m, out):
+                        raise SpecError(f"spec error at {key}: {out} overlaps the input {where} ({shown} matches {m})")
     if _inside(spec.output_dir, spec.work_dir) or _inside(spec.work_dir, spec.output_dir):
         raise SpecError("spec error at output_dir: output_dir and work_dir must not contain each other")

@@ -296,6 +296,8 @@ def test_column_names_are_allow_listed(tmp_path, column):
 
 def _cli_cases(root: Path) -> list[tuple[str, dict, str]]:
     (root / "images").mkdir(exist_ok=True)
+    (root / "src" / "a" / "b").mkdir(parents=True, exist_ok=True)
+    (root / "src" / "a" / "b" / "x.tar").write_bytes(b"")
     base = _minimal(str(root / "images"))
     base.update(output_dir=str(root / "out"), work_dir=str(root / "work"))
 
@@ -313,11 +315,17 @@ def _cli_cases(root: Path) -> list[tuple[str, dict, str]]:
          "spec error at sources[0].path:"),
         ("output inside a source", variant(output_dir=str(root / "images" / "export")), "spec error at output_dir:"),
         ("two sources with one name", variant(sources=[twice, twice]), "spec error at sources:"),
+        ("output a source glob matches", variant(sources=[{"name": "w", "kind": "webdataset",
+                                                           "paths": [str(root / "src" / "*" / "*" / "*.tar")]}],
+                                                 output_dir=str(root / "src" / "export")),
+         "spec error at output_dir:"),
+        ("nan similarity", variant(filters={"min_similarity": float("nan")}),
+         "spec error at filters.min_similarity: must be a finite number between -1 and 1"),
     ]
 
 
 @pytest.mark.parametrize("case", ["unknown key", "wrong type", "missing path", "output inside a source",
-                                  "two sources with one name"])
+                                  "two sources with one name", "output a source glob matches", "nan similarity"])
 def test_bad_spec_is_one_line_error_before_any_work(tmp_path, case):
     from bucket_assets_tests.conftest import run_cli
 
@@ -331,3 +339,229 @@ def test_bad_spec_is_one_line_error_before_any_work(tmp_path, case):
     assert err.count("\n") == 0 and err.startswith("bucket-assets: " + needle), err
     # before any work: nothing created
     assert not (tmp_path / "out").exists() and not (tmp_path / "work").exists() and not (tmp_path / "home").exists()
+
+
+# glob overlap ------------------------------------------------------------------------------------------
+
+
+def _touch(p: Path) -> Path:
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_bytes(b"")
+    return p
+
+
+def _wds(tmp_path: Path, pattern: str, **dirs) -> dict:
+    data = _minimal()
+    data["sources"] = [{"name": "wds", "kind": "webdataset", "paths": [pattern]}]
+    data.update(dirs)
+    return data
+
+
+def test_check_paths_glob_source_issue_case(tmp_path):
+    """The second build would ingest src/export/buckets/<id>/shard-000000.tar."""
+    _touch(tmp_path / "src" / "a" / "b" / "x.tar")
+    data = _wds(tmp_path, "src/*/*/*.tar", output_dir="src/export")
+    with pytest.raises(SpecError, match=r"^spec error at output_dir: .* overlaps the input sources\[0\]"):
+        check_paths(parse_spec(data, tmp_path))
+
+
+@pytest.mark.parametrize(
+    "pattern, key, value, refused",
+    [
+        ("data/*/shards/*.tar", "output_dir", "data/export", True),  # data/export/shards/x.tar matches
+        ("data/*/shards/*.tar", "output_dir", "data/out2/other", False),
+        ("data/*/shards/*.tar", "output_dir", "data/a/shards/export", True),  # inside a matched source dir
+        ("data/*/shards/*.tar", "work_dir", "data/work", True),
+        ("data/*/shards/*.tar", "work_dir", "elsewhere/work", False),
+        ("data/**/*.tar", "work_dir", "data/x/y/work", True),  # `**` taken as any depth
+        ("data/**/*.tar", "output_dir", "data", True),  # the pattern's literal prefix is inside it
+        ("data/a/shards/x.tar", "output_dir", "data/a/other", False),
+        ("data/[ab]/shards/*.tar", "output_dir", "data/b", True),
+        ("data/[ab]/shards/*.tar", "output_dir", "data/c", False),
+    ],
+)
+def test_check_paths_glob_overlap(tmp_path, pattern, key, value, refused):
+    _touch(tmp_path / "data" / "a" / "shards" / "x.tar")
+    _touch(tmp_path / "data" / "a" / "y.tar")  # for data/**/*.tar (glob reads ** as * here)
+    spec = parse_spec(_wds(tmp_path, pattern, **{key: value}), tmp_path)
+    if refused:
+        with pytest.raises(SpecError, match=rf"^spec error at {key}: .* overlaps the input sources\[0\]"):
+            check_paths(spec)
+    else:
+        check_paths(spec)
+
+
+def test_check_paths_glob_overlap_through_symlink(tmp_path):
+    _touch(tmp_path / "data" / "a" / "shards" / "x.tar")
+    (tmp_path / "link").symlink_to(tmp_path / "data")
+    spec = parse_spec(_wds(tmp_path, str(tmp_path / "link" / "*" / "shards" / "*.tar"), output_dir="data/export"),
+                      tmp_path)
+    with pytest.raises(SpecError, match="^spec error at output_dir:"):
+        check_paths(spec)
+
+
+def test_check_paths_glob_match_resolving_into_output(tmp_path):
+    """A matched file that is a link into the export is refused even when the pattern is not."""
+    target = _touch(tmp_path / "out" / "buckets" / "p1024x1024" / "shard-000000.tar")
+    (tmp_path / "tars").mkdir()
+    (tmp_path / "tars" / "a.tar").symlink_to(target)
+    with pytest.raises(SpecError, match=r"^spec error at output_dir: .* overlaps the input sources\[0\]"):
+        check_paths(parse_spec(_wds(tmp_path, "tars/*.tar"), tmp_path))
+
+
+def test_check_paths_url_glob_overlap(tmp_path):
+    _touch(tmp_path / "meta" / "2024" / "part-0.parquet")
+    data = _minimal()
+    data["sources"] = [{"name": "web", "kind": "urls", "path": "meta/*/*.parquet"}]
+    data["work_dir"] = "meta/work"
+    with pytest.raises(SpecError, match=r"^spec error at work_dir: .* overlaps the input sources\[0\]"):
+        check_paths(parse_spec(data, tmp_path))
+    data["work_dir"] = "work"
+    check_paths(parse_spec(data, tmp_path))
+
+
+def test_overlap_helper_rule():
+    from bucket_assets.spec import _pattern_overlaps
+
+    assert _pattern_overlaps("/d/*/shards/*.tar", "/d/export")
+    assert not _pattern_overlaps("/d/*/shards/*.tar", "/d/out2/other")
+    assert _pattern_overlaps("/d/*/shards/*.tar", "/")  # an ancestor of every match
+    assert _pattern_overlaps("/d/*", "/d/export")  # the pattern matches the dir itself
+    assert _pattern_overlaps("/d/x.parquet", "/d/export")  # inside the source's directory (literal rule)
+    assert not _pattern_overlaps("/d/x.parquet", "/e")
+
+
+@pytest.mark.parametrize("key", ["output_dir", "work_dir"])
+def test_check_paths_output_or_work_dir_not_a_directory(tmp_path, key):
+    (tmp_path / "images").mkdir()
+    _touch(tmp_path / "afile")
+    data = _minimal()
+    data[key] = "afile"
+    with pytest.raises(SpecError, match=rf"^spec error at {key}: .*afile is not a directory$"):
+        check_paths(parse_spec(data, tmp_path))
+    data[key] = "afile/sub"  # cannot be created under a file
+    with pytest.raises(SpecError, match=rf"^spec error at {key}: .*afile is not a directory$"):
+        check_paths(parse_spec(data, tmp_path))
+
+
+# values that validate but cannot work ---------------------------------------------------------------
+
+_NAN, _INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize(
+    "path, value, where, bound",
+    [
+        (("filters", "min_similarity"), _NAN, "filters.min_similarity", "between -1 and 1"),
+        (("filters", "min_similarity"), _INF, "filters.min_similarity", "between -1 and 1"),
+        (("filters", "min_similarity"), 1.5, "filters.min_similarity", "between -1 and 1"),
+        (("filters", "min_similarity"), "nan", "filters.min_similarity", "between -1 and 1"),
+        (("filters", "blank_std_threshold"), _NAN, "filters.blank_std_threshold", "between 0 and 255"),
+        (("filters", "blank_std_threshold"), 256, "filters.blank_std_threshold", "between 0 and 255"),
+        (("captions", "max_chars"), 10**20, "captions.max_chars", "between 1 and 10000000"),
+        (("captions", "max_chars"), 1e15, "captions.max_chars", "between 1 and 10000000"),
+        (("captions", "max_chars"), "1e20", "captions.max_chars", "between 1 and 10000000"),
+        (("captions", "max_chars"), 2.5, "captions.max_chars", "an integer between 1 and 10000000"),
+        (("buckets", "divisible"), 10**12, "buckets.divisible", "between 1 and 256"),
+        (("buckets", "divisible"), 0, "buckets.divisible", "between 1 and 256"),
+        (("metadata", "memory_limit"), "1KB", "metadata.memory_limit", "between 64MB and 16TB"),
+        (("metadata", "memory_limit"), "63MB", "metadata.memory_limit", "between 64MB and 16TB"),
+        (("metadata", "memory_limit"), "17TB", "metadata.memory_limit", "between 64MB and 16TB"),
+        (("metadata", "memory_limit"), "lots", "metadata.memory_limit", "between 64MB and 16TB"),
+        (("image", "max_pixels"), 10**13, "image.max_pixels", "between 1 and 1000000000"),
+        (("image", "workers"), 10**6, "image.workers", "between 0 and 1024"),
+        (("image", "crop", "jitter"), 4097, "image.crop.jitter", "between 0 and 4096"),
+        (("image", "jpeg", "adaptive_threshold"), _NAN, "image.jpeg.adaptive_threshold",
+         "greater than 0 and at most 1"),
+        (("image", "jpeg", "quality"), 101, "image.jpeg.quality", "between 1 and 100"),
+        (("shards", "max_samples"), 10**9, "shards.max_samples", "between 1 and 1000000"),
+        (("shards", "max_bytes"), 2**36 + 1, "shards.max_bytes", "between 10000 and 68719476736 (64 GiB)"),
+    ],
+)
+def test_unworkable_values_are_errors_with_the_bound(tmp_path, path, value, where, bound):
+    data = _minimal()
+    node = data
+    for p in path[:-1]:
+        node = node.setdefault(p, {})
+    node[path[-1]] = value
+    msg = _error(data, tmp_path)
+    assert msg.startswith(f"spec error at {where}: must be ") and bound in msg, msg
+
+
+@pytest.mark.parametrize(
+    "key, value, bound",
+    [
+        ("timeout_s", _NAN, "greater than 0 and at most 3600"),
+        ("timeout_s", _INF, "greater than 0 and at most 3600"),
+        ("backoff_s", _NAN, "between 0 and 600"),
+        ("max_backoff_s", "inf", "between 0 and 3600"),
+        ("max_bytes", 10**15, "between 1 and 4294967296 (4 GiB)"),
+        ("concurrency", 1e20, "between 1 and 512"),
+    ],
+)
+def test_download_numbers_finite_and_bounded(tmp_path, key, value, bound):
+    data = _minimal()
+    data["sources"] = [{"name": "web", "kind": "urls", "path": "m.parquet", "download": {key: value}}]
+    msg = _error(data, tmp_path)
+    assert msg.startswith(f"spec error at sources[0].download.{key}: must be ") and bound in msg, msg
+
+
+def test_divisible_at_most_the_smallest_bucket_side(tmp_path):
+    """scale_side clamps a side below divisible/2 up to divisible, so buckets stop following their
+    proto aspect; the smallest proto side (512) at base 128 is 64."""
+    data = _minimal()
+    data["buckets"] = {"base_resolutions": [512, 128], "divisible": 128}
+    msg = _error(data, tmp_path)
+    assert msg == "spec error at buckets.divisible: must be at most 64, the smallest bucket side at base resolution 128"
+    data["buckets"] = {"base_resolutions": [512, 128], "divisible": 64}
+    assert parse_spec(data, tmp_path).buckets.divisible == 64
+    data["buckets"] = {"base_resolutions": [512], "divisible": 256}
+    assert parse_spec(data, tmp_path).buckets.divisible == 256
+
+
+def test_yaml_nan_similarity_via_load_spec(tmp_path):
+    p = tmp_path / "spec.yaml"
+    p.write_text(yaml.safe_dump(_minimal()) + "filters: {min_similarity: .nan}\n", encoding="utf-8")
+    with pytest.raises(SpecError) as ei:
+        load_spec(p)
+    assert str(ei.value) == "spec error at filters.min_similarity: must be a finite number between -1 and 1"
+
+
+def test_bounds_keep_valid_forms(tmp_path):
+    data = _minimal()
+    data.update(
+        filters={"min_similarity": -1, "blank_std_threshold": 255},
+        captions={"max_chars": 100.0},  # an integral float stays accepted
+        buckets={"base_resolutions": [64], "divisible": 32},
+        image={"max_pixels": 1_000_000_000, "crop": {"jitter": 4096}, "workers": "8"},
+        shards={"max_samples": 1_000_000, "max_bytes": 2**36},
+        metadata={"memory_limit": "64MB"},
+    )
+    spec = parse_spec(data, tmp_path)
+    assert spec.captions.max_chars == 100 and spec.image.workers == 8 and spec.filters.min_similarity == -1
+    for limit in ("3GB", "3 GB", "1.5GiB", "16TB", "65536KiB"):
+        data["metadata"] = {"memory_limit": limit}
+        assert parse_spec(data, tmp_path).metadata.memory_limit == limit
+    data["filters"] = {"min_similarity": None}
+    assert parse_spec(data, tmp_path).filters.min_similarity is None
+
+
+def test_readme_spec_reference_parses(tmp_path):
+    """The README's full example spec (every section, every source kind) is a valid spec."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Spec reference", 1)[1]
+    block = section.split("```yaml\n", 1)[1].split("```", 1)[0]
+    spec = parse_spec(yaml.safe_load(block), tmp_path)
+    assert [s.kind for s in spec.sources] == ["webdataset", "parquet", "folder", "urls"]
+    assert spec.metadata.memory_limit == "3GB" and spec.captions.max_chars == 20_000
+
+
+def test_check_paths_literal_dirs_with_glob_characters(tmp_path):
+    """Plain directory paths are escaped before the glob rule: `[1]` is a name, not a class."""
+    (tmp_path / "imgs[1]").mkdir()
+    data = _minimal("imgs[1]")
+    data["output_dir"] = "imgs[1]/export"
+    with pytest.raises(SpecError, match="^spec error at output_dir:"):
+        check_paths(parse_spec(data, tmp_path))
+    data["output_dir"] = "imgs1/export"
+    check_paths(parse_spec(data, tmp_path))
