@@ -97,12 +97,18 @@ def cmd_build(args: argparse.Namespace) -> int:
         check_paths(spec)
     except SpecError as exc:
         return _fail(str(exc))
+
     home = ensure_dagster_home()
 
     import dagster as dg
 
     from bucket_assets import definitions
     from bucket_assets.core.buckets import bucket_table
+    from bucket_assets.core.publish import output_dir_problem
+
+    problem = output_dir_problem(definitions.dataset_resource(spec_path).load().output_dir)
+    if problem:
+        return _fail(problem)
 
     from bucket_assets.core import progress
 

@@ -6,6 +6,7 @@ A reader (or a killed run) never sees a half-written file under the final name.
 from __future__ import annotations
 
 import os
+import re
 import threading
 from contextlib import contextmanager
 from pathlib import Path
@@ -67,6 +68,15 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
+_OUR_TEMP = re.compile(r"^" + re.escape(TMP_PREFIX) + r".+\.\d+\.\d+$")
+
+
+def is_our_temp(name: str) -> bool:
+    """A temp file atomic_writer made (`.tmp-<name>.<pid>.<thread>`): only these are ever
+    removed as stale, never a user's file that merely starts with `.tmp-`."""
+    return bool(_OUR_TEMP.match(name))
+
+
 def remove_stale_temps(directory: str | os.PathLike, recursive: bool = True) -> int:
     """Delete temp files a killed run left behind; returns how many."""
     n = 0
@@ -74,7 +84,7 @@ def remove_stale_temps(directory: str | os.PathLike, recursive: bool = True) -> 
     if not d.is_dir():
         return 0
     for p in (d.rglob if recursive else d.glob)(f"{TMP_PREFIX}*"):
-        if p.is_file():
+        if is_our_temp(p.name) and p.is_file() and not p.is_symlink():
             p.unlink()
             n += 1
     return n

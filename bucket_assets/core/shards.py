@@ -10,7 +10,7 @@ import re
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 from bucket_assets.core.atomic import TMP_PREFIX, atomic_writer
 from bucket_assets.core.failpoints import failpoint
@@ -122,7 +122,8 @@ class _HashingWriter(io.RawIOBase):
 
     def write(self, b) -> int:
         self.h.update(b)
-        self.f.write(b)
+        if self.f is not None:  # None: hash only
+            self.f.write(b)
         self.n += len(b)
         return len(b)
 
@@ -147,15 +148,26 @@ def _write_tar(sink, samples: Iterable[Sample]) -> int:
     return count
 
 
-def write_shard(path: str | os.PathLike, samples: Iterable[Sample], same_as: str | os.PathLike | None = None) -> ShardFile:
+def write_shard(path: str | os.PathLike, samples: Iterable[Sample] | Callable[[], Iterable[Sample]],
+                same_as: str | os.PathLike | None = None) -> ShardFile:
     """Write one USTAR shard atomically: fixed headers (mtime 0, uid/gid 0, mode 644).
 
     If the file at `same_as` (default: `path`) already holds the same bytes, nothing is written
     and `rewritten` is False: an unchanged file keeps its inode and mtime, so consumers that
-    watch files see only real changes.
+    watch files see only real changes. When `samples` is a callable (so they can be read twice),
+    a published file of the planned size is compared by hash before anything is written: an
+    unchanged shard creates no temp file either (a no-op rebuild works on a read-only export).
     """
     path = Path(path)
     same = Path(same_as) if same_as is not None else path
+    if callable(samples):
+        make = samples
+        if same.is_file():
+            sink = _HashingWriter(None)
+            count = _write_tar(sink, make())
+            if same.stat().st_size == sink.n and file_sha256(same) == sink.h.hexdigest():
+                return ShardFile(str(path), count, sink.n, sink.h.hexdigest(), rewritten=False)
+        samples = make()
     kept: list[bool] = []
 
     def unchanged() -> bool:

@@ -12,9 +12,11 @@ import codecs
 import json
 import math
 import os
+import re
 from typing import BinaryIO
 
 INT32_MAX = 2**31 - 1
+_SURROGATE = re.compile("[\ud800-\udfff]")
 MAX_JSON_DEPTH = 64  # deeper values are dropped from the stored metadata (flag json_too_deep)
 
 
@@ -41,7 +43,7 @@ def text(value: object) -> tuple[str | None, bool]:
         return value, False
     except UnicodeEncodeError:
         # Lone surrogates (a JSON "\ud800" escape, or a name decoded with surrogateescape).
-        return value.encode("utf-8", errors="surrogatepass").decode("utf-8", errors="replace"), True
+        return _SURROGATE.sub("\ufffd", value), True
 
 
 def name(value: str) -> tuple[str, bool]:

@@ -16,7 +16,7 @@ from bucket_assets.core.db import replace_partitions, table_exists
 from bucket_assets.core.manifest import MANIFEST_NAME, build_manifest, dumps, same_content
 from bucket_assets.core.pictures import CHART_NAME, SHEETS_DIR, bucket_chart_png, contact_sheet_png, first_samples, sheet_path
 from bucket_assets.core.progress import Progress
-from bucket_assets.core.publish import publish, staging_dir
+from bucket_assets.core.publish import BUCKET_DIR_RE, OutputDirError, claim_output_dir, publish, read_manifest, staging_dir
 from bucket_assets.core.shards import (
     SHARD_NAME,
     caption_txt,
@@ -41,6 +41,14 @@ SHARD_SAMPLES_SCHEMA = pa.schema(
      ("text", pa.string()), ("caption_variant", pa.string()), ("caption_selector_index", pa.int32()),
      ("caption_source_id", pa.int32())]
 )
+
+def own_output_dir(output_dir: str) -> Path:
+    """The output dir, once it is known to be ours to write (see core.publish)."""
+    try:
+        return claim_output_dir(output_dir)
+    except OutputDirError as exc:
+        raise dg.Failure(str(exc)) from None
+
 
 def write_bucket(out_dir: Path, bucket_id: str, rows: list[dict], max_samples: int, max_bytes: int, compute=None):
     """Stage one bucket's shards (core.publish); shards whose published file already holds the
@@ -94,7 +102,7 @@ def bucket_shards_asset(partitions: dg.PartitionsDefinition, processed_images: d
         no image is decoded or encoded here. Changed shards are staged; `export_manifest`
         publishes them together with the manifest that lists them."""
         spec = dataset.load()
-        out_dir = Path(spec.output_dir)
+        out_dir = own_output_dir(spec.output_dir)
         all_shards, all_samples, rewritten = [], [], 0
         keys = list(context.partition_keys)
         plan = Path(spec.work_dir) / "tmp" / f"sample-plan-{context.run.run_id}.parquet"
@@ -189,9 +197,11 @@ def export_manifest_asset(bucket_shards: dg.AssetsDefinition) -> dg.AssetsDefini
             summary=summ,
             created=datetime.now(timezone.utc).isoformat(),
         )
-        path = Path(spec.output_dir) / MANIFEST_NAME
+        path = own_output_dir(spec.output_dir) / MANIFEST_NAME
         remove_stale_temps(path.parent, recursive=False)  # a killed run's manifest or card temp
-        old = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+        old = read_manifest(path)  # None when missing or corrupt: a corrupt one is replaced
+        if old is None and path.exists():
+            context.log.warning(f"{path} is not a readable bucketed_shards_v1 manifest; it is replaced")
         listed = [(rel, sha) for _bucket, rel, _n, _bytes, sha in shard_rows]
         if old is not None and same_content(old, manifest):
             manifest = old  # nothing changed: keep the file (and its `created`) as it is
@@ -235,7 +245,8 @@ def write_pictures(out: Path, manifest: dict, per_bucket: int = 8) -> int:
     if sheets.is_dir():
         remove_stale_temps(sheets)
         for p in sheets.iterdir():
-            if p not in keep:
+            # Only sheets of our own naming: any other file there is the user's.
+            if p not in keep and p.suffix == ".png" and BUCKET_DIR_RE.match(p.stem) and p.is_file():
                 p.unlink()
     return written
 
@@ -245,8 +256,10 @@ def dataset_card_asset(export_manifest: dg.AssetsDefinition) -> dg.AssetsDefinit
     def dataset_card(dataset: DatasetResource) -> dg.MaterializeResult:
         """The export's README.md, shaped like the seed dataset card."""
         spec = dataset.load()
-        out = Path(spec.output_dir)
-        manifest = json.loads((out / MANIFEST_NAME).read_text(encoding="utf-8"))
+        out = own_output_dir(spec.output_dir)
+        manifest = read_manifest(out / MANIFEST_NAME)
+        if manifest is None:
+            raise dg.Failure(f"{out / MANIFEST_NAME} is missing or unreadable: materialize export_manifest first")
         written = write_pictures(out, manifest)
         card = render_card(manifest, pictures=True)
         path = out / "README.md"

@@ -8,6 +8,7 @@ from bucket_assets.core.buckets import bucket_table
 from bucket_assets.core.db import replace_table, table_exists, transaction
 from bucket_assets.core.filters import apply_filters
 from bucket_assets.core.parallel import resolve_workers
+from bucket_assets.core.publish import output_dir_problem
 from bucket_assets.core.raw_index import build_raw_index, scan_skips_table
 from bucket_assets.defs.assets.downloads import url_downloads
 from bucket_assets.defs.metadata import md_counts
@@ -21,6 +22,9 @@ def raw_index(context: dg.AssetExecutionContext, dataset: DatasetResource) -> dg
     the source's caption and metadata (url, similarity, NSFW tag, license)."""
     spec = dataset.load()
     check_paths(spec)
+    problem = output_dir_problem(spec.output_dir)
+    if problem:
+        raise dg.Failure(problem)
     downloads: dict[str, dict[str, dict]] = {}
     with dataset.db() as con:
         if table_exists(con, "url_downloads"):
