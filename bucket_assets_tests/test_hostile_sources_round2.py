@@ -287,3 +287,58 @@ def test_parquet_values_out_of_range(tmp_path):
     assert rows["r1"]["caption"] == "\ufffd\ufffd bad" and rows["r1"]["orig_w"] == 640
     assert rows["m-3"]["issue"] == "missing_id"  # a row without an id is a record with a reason
     assert stats.counts == {}
+
+
+# The whole build: every hostile input beside a good control, exit 0, everything accounted ----
+
+def test_a_build_over_hostile_sources_exports_the_good_ones(tmp_path):
+    from bucket_assets.core.manifest import verify_export
+    from bucket_assets_tests.conftest import materialize_all
+
+    tars = tmp_path / "raw" / "laion"
+    tars.mkdir(parents=True)
+    members = [("good.jpg", _jpeg(1)), ("good.txt", b"a good caption")]
+    for i, (key, js) in enumerate(HOSTILE_JSON.items()):
+        members += [(f"{key}.jpg", _jpeg(10 + i)), (f"{key}.json", js)]
+    members += [("bigtxt.jpg", _jpeg(40)), ("bigtxt.txt", b"long " * (2 << 20))]
+    (tars / "00-good.tar").write_bytes(_tar_bytes(members))
+    (tars / "01-empty.tar").write_bytes(b"")
+    (tars / "02-cut.tar").write_bytes(_tar_bytes([("x.jpg", _jpeg(50))])[:200])
+    (tars / "03-dir.tar").mkdir()
+    os.mkfifo(tars / "04-fifo.tar")
+    tail = _tar_bytes([("t0.jpg", _jpeg(60)), ("t1.jpg", _jpeg(61)), ("t2.jpg", _jpeg(62))])
+    with tarfile.open(fileobj=io.BytesIO(tail)) as tf:
+        second = tf.getmembers()[1].offset
+    (tars / "05-damaged.tar").write_bytes(tail[:second] + b"\x01" * 512 + tail[second + 512 :])
+    folder = tmp_path / "raw" / "folder"
+    folder.mkdir()
+    (folder / "fine.jpg").write_bytes(_jpeg(70))
+    with open(os.path.join(os.fsencode(folder), b"n\xe4me.jpg"), "wb") as f:
+        f.write(_jpeg(71))
+    os.mkfifo(folder / "pipe.jpg")
+    (folder / "eps.jpg").write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n")
+    spec = {
+        "name": "hostile", "output_dir": str(tmp_path / "out"), "work_dir": str(tmp_path / "work"),
+        "sources": [{"name": "laion", "kind": "webdataset", "paths": [str(tars / "*.tar")]},
+                    {"name": "folder", "kind": "folder", "path": str(folder)}],
+        "filters": {"min_similarity": None},
+        "buckets": {"base_resolutions": [128], "divisible": 8},
+        "image": {"workers": 1}, "captions": {"landing_dir": str(tmp_path / "captions")},
+    }
+    import yaml
+
+    spec_path = tmp_path / "spec.yaml"
+    spec_path.write_text(yaml.safe_dump(spec))
+    result = _with_timeout(lambda: materialize_all(spec_path), 300)
+    assert result.success
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    s = manifest["summary"]
+    assert s["source_files_skipped"] == {"empty_file": 1, "not_a_file": 2, "unreadable_tar": 1}
+    assert s["tar_members_skipped"] == {"damaged_tar_region": 1}
+    skips = sum(v for k, v in s.items() if k.startswith("skipped_") or k in ("decode_errors", "encode_errors"))
+    assert s["images_seen"] == s["images_exported"] + skips
+    # good + 9 hostile-json + bigtxt + t0, t2 (after the damaged header) + fine + n\xe4me + pipe + eps
+    assert s["images_seen"] == 17
+    assert s["skipped_name_not_utf8"] == 1 and s["skipped_unsafe_file"] == 1 and s["decode_errors"] == 1
+    assert s["images_exported"] == 14
+    verify_export(tmp_path / "out")

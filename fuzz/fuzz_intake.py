@@ -1,14 +1,17 @@
-"""Coverage-guided fuzzing (atheris) of the intake: the tar reader and the image probe/decode.
+"""Coverage-guided fuzzing (atheris) of the intake: the tar reader, the image probe/decode, and
+the values a sidecar or a name can carry.
 
     pip install atheris
     python fuzz/fuzz_intake.py -atheris_runs=200000            # or -max_total_time=600
     python fuzz/fuzz_intake.py fuzz/corpus -max_total_time=600 # with a seed corpus (--make-corpus)
 
-The first input byte picks the target: even bytes go to the tar reader (the rest written as a
-.tar, scanned, every record's bytes read back and probed), odd bytes to the image intake
-(probe, then decode). The only allowed failures are the documented ones: OSError for a file
-that is not a tar or a member that cannot be read, ImageError for image bytes. Anything else
-is a crash atheris reports with the input that caused it.
+The first input byte picks the target (its value mod 3): 0 goes to the tar reader (the rest
+written as a .tar, scanned, every record's bytes read back and probed), 1 to the image intake
+(probe, then decode), 2 to the metadata path (the rest split into a member name and a .json
+sidecar, each record finalized and turned into a raw index row that must fit the schema). The
+scan itself may not raise at all; the only allowed failures are OSError for a member that
+cannot be read and ImageError for image bytes. Anything else is a crash atheris reports with
+the input that caused it.
 """
 
 from __future__ import annotations
@@ -23,8 +26,12 @@ from pathlib import Path
 import atheris
 
 with atheris.instrument_imports():
+    import pyarrow as pa
+
     from bucket_assets.core.imaging import ImageError, decode_rgb, probe
-    from bucket_assets.core.sources import ScanStats, read_bytes
+    from bucket_assets.core.raw_index import RAW_INDEX_SCHEMA, record_row
+    from bucket_assets.core.sources import RawRecord, ScanStats, finalize, read_bytes
+    from bucket_assets.core.sources.values import load_json_object
     from bucket_assets.core.sources.webdataset import scan
     from bucket_assets.spec import WebDatasetSource
 
@@ -42,12 +49,15 @@ def _image(data: bytes) -> None:
         pass
 
 
+def _rows(records) -> None:
+    rows = [record_row(i, finalize(r), "webdataset") for i, r in enumerate(records)]
+    pa.Table.from_pylist(rows, schema=RAW_INDEX_SCHEMA)  # every value must fit the raw index
+
+
 def _tar(data: bytes) -> None:
     _TAR.write_bytes(data)
-    try:
-        records = list(scan(_SOURCE, ScanStats(), 1000))
-    except OSError:
-        return
+    records = list(scan(_SOURCE, ScanStats(), 1000))
+    _rows(records)
     for r in records:
         if r.member is None:
             continue
@@ -57,10 +67,21 @@ def _tar(data: bytes) -> None:
             pass
 
 
+def _metadata(data: bytes) -> None:
+    name, _, sidecar = data.partition(b"\n")
+    meta, _flags = load_json_object(sidecar)
+    rec = RawRecord(image_id=name.decode("utf-8", "surrogateescape"), source="fuzz", location=str(_TAR),
+                    member=name.decode("utf-8", "surrogateescape") + ".jpg", meta=meta)
+    if meta:
+        rec.url, rec.similarity, rec.nsfw = meta.get("url"), meta.get("similarity"), meta.get("NSFW")
+        rec.orig_w, rec.orig_h, rec.caption = meta.get("width"), meta.get("height"), meta.get("caption")
+    _rows([rec])
+
+
 def test_one_input(data: bytes) -> None:
     if not data:
         return
-    (_image if data[0] & 1 else _tar)(data[1:])
+    (_tar, _image, _metadata)[data[0] % 3](data[1:])
 
 
 def make_corpus(out: Path) -> None:
@@ -81,6 +102,7 @@ def make_corpus(out: Path) -> None:
             ti.size = len(payload)
             tf.addfile(ti, io.BytesIO(payload))
     (out / "seed.tar").write_bytes(b"\x00" + buf.getvalue())
+    (out / "seed.meta").write_bytes(b"\x02caf\xe9\n" + b'{"url": "u", "similarity": 0.3, "width": 640, "height": 480, "NSFW": "UNLIKELY"}')
 
 
 if __name__ == "__main__":

@@ -94,6 +94,33 @@ def scan_all(spec: Spec, downloads: dict[str, dict[str, dict]] | None = None) ->
     return records, stats
 
 
+def record_row(row_id: int, rec: RawRecord, kind: str) -> dict:
+    """A scanned (sources.finalize'd) record as a raw index row, before its probe."""
+    return {
+        "row_id": row_id,
+        "image_id": rec.image_id,
+        "source": rec.source,
+        "source_kind": kind,
+        "location": rec.location,
+        "member": rec.member,
+        "data_offset": rec.offset,
+        "byte_size": rec.size,
+        "caption": rec.caption,
+        "caption_field": rec.caption_field,
+        "url": rec.url,
+        "similarity": rec.similarity,
+        "nsfw": rec.nsfw,
+        "license": rec.license,
+        "orig_w": rec.orig_w,
+        "orig_h": rec.orig_h,
+        "source_meta": None if rec.meta is None else json.dumps(
+            rec.meta, sort_keys=True, default=str, ensure_ascii=False, allow_nan=False),
+        "issue": rec.issue,
+        "issue_detail": rec.issue_detail,
+        "notes": ",".join(rec.notes) or None,
+    }
+
+
 def build_raw_index(
     spec: Spec, workers: int, report: Callable[[str], None] | None = None,
     downloads: dict[str, dict[str, dict]] | None = None,
@@ -110,28 +137,7 @@ def build_raw_index(
     progress = Progress("raw_index: records probed", len(tasks), report)
     rows = []
     for row_id, rec in enumerate(records):
-        row = {
-            "row_id": row_id,
-            "image_id": rec.image_id,
-            "source": rec.source,
-            "source_kind": kinds[rec.source],
-            "location": rec.location,
-            "member": rec.member,
-            "data_offset": rec.offset,
-            "byte_size": rec.size,
-            "caption": rec.caption,
-            "caption_field": rec.caption_field,
-            "url": rec.url,
-            "similarity": rec.similarity,
-            "nsfw": rec.nsfw,
-            "license": rec.license,
-            "orig_w": rec.orig_w,
-            "orig_h": rec.orig_h,
-            "source_meta": None if rec.meta is None else json.dumps(rec.meta, sort_keys=True, default=str, ensure_ascii=False),
-            "issue": rec.issue,
-            "issue_detail": rec.issue_detail,
-            "notes": ",".join(rec.notes) or None,
-        }
+        row = record_row(row_id, rec, kinds[rec.source])
         if rec.issue is None:
             row.update(next(probed))
             progress.advance()

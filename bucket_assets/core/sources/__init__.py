@@ -113,10 +113,9 @@ def finalize(rec: RawRecord) -> RawRecord:
             rec.issue = rec.issue or "name_not_utf8"
             rec.issue_detail = rec.issue_detail or f"{loc}: the file name is not UTF-8"
         rec.location = loc
-    if isinstance(rec.caption, (str, bytes)) or rec.caption is None:
-        rec.caption, bad = values.text(rec.caption)
-        if bad and "caption_not_utf8" not in notes:
-            notes.append("caption_not_utf8")
+    rec.caption, bad = values.text(rec.caption)
+    if bad and "caption_not_utf8" not in notes:
+        notes.append("caption_not_utf8")
     for attr in ("url", "nsfw", "license", "caption_field", "issue_detail"):
         setattr(rec, attr, values.text(getattr(rec, attr))[0])
     bad_size = False

@@ -19,7 +19,7 @@ class SourceError(ValueError):
 
 
 def _text(value) -> str | bytes | None:
-    if value is None:
+    if value is None or (isinstance(value, float) and value != value):  # NaN is "no value", not "nan"
         return None
     if isinstance(value, (list, tuple)):  # e.g. a list of tags
         return ", ".join(str(v) for v in value if v is not None)
