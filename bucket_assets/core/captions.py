@@ -11,6 +11,8 @@ import json
 import math
 import os
 import re
+import stat
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,46 +80,177 @@ class LandingSource:
     fingerprint: str  # landing_fingerprint of the parquet + json pair
 
 
-def file_sha256(path: str | os.PathLike) -> str:
+# Landing files ---------------------------------------------------------------------------
+#
+# Everything below turns any landing file into a LandingSource or one CaptionSourceError line:
+# files are opened only when they are regular files, the json is parsed with every parser
+# failure caught, and the parquet is read from exactly the named file (never a glob).
+
+MAX_CREATED_AT = 253402300799  # 9999-12-31T23:59:59Z; caption_sources stores int64 seconds
+_META_MAX_BYTES = 1 << 20  # a source's json is a few hundred bytes
+_SCAN_BATCH_ROWS = 16384
+_ID_TYPES = ("VARCHAR", "BIGINT", "INTEGER", "SMALLINT", "TINYINT", "UBIGINT", "UINTEGER", "USMALLINT", "UTINYINT", "HUGEINT")
+_NOT_REGULAR = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
+                (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+
+
+def printable(text: str) -> str:
+    """`text` fit for a one-line reason, a log line or a UTF-8 table: non-printable characters
+    (newlines, lone surrogates from undecodable file names) become their escapes."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def _who(name: str) -> str:
+    return f"caption source {printable(name)}"
+
+
+def _why(exc: BaseException, limit: int = 300) -> str:
+    """An error's message as one short line (DuckDB adds `LINE 1: ...` and a caret below it;
+    a Python error inside an Arrow scan arrives with its traceback appended)."""
+    text = str(exc).split(". Detail: Python exception")[0]
+    line = next((ln.strip() for ln in text.splitlines() if ln.strip()), type(exc).__name__)
+    line = printable(line)
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def _value(v: object) -> str:
+    r = repr(v)
+    return r if len(r) <= 60 else r[:57] + "..."
+
+
+def _fname(path: str | os.PathLike) -> str:
+    return printable(os.path.basename(os.fspath(path)))
+
+
+def _stat_regular(path: str | os.PathLike, who: str) -> os.stat_result:
+    """stat of a regular file, else CaptionSourceError naming what it is; never opens it.
+
+    A symlink to a regular file is that file (sources may be linked in from other storage);
+    a dangling symlink, a loop, or a link to anything else is rejected."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        if os.path.islink(path):
+            raise CaptionSourceError(f"{who}: {_fname(path)} is a dangling symlink") from None
+        raise CaptionSourceError(f"{who}: {_fname(path)} has disappeared") from None
+    except OSError as exc:
+        raise CaptionSourceError(f"{who}: cannot stat {_fname(path)} ({exc.strerror or exc})") from None
+    if not stat.S_ISREG(st.st_mode):
+        kind = next((k for test, k in _NOT_REGULAR if test(st.st_mode)), "not a file")
+        raise CaptionSourceError(f"{who}: {_fname(path)} is {kind}, not a regular file")
+    return st
+
+
+def landing_file_stat(name: str, path: str | os.PathLike) -> os.stat_result:
+    """os.stat of one file of landing source `name`; CaptionSourceError unless it is a regular file."""
+    return _stat_regular(path, _who(name))
+
+
+def _open_regular(path: str | os.PathLike, who: str):
+    """A binary file object, only for a regular file. Checked before opening (so a FIFO or a
+    device is never opened) and again on the open descriptor; O_NONBLOCK so a FIFO swapped in
+    between cannot block."""
+    _stat_regular(path, who)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0))
+    except OSError as exc:
+        raise CaptionSourceError(f"{who}: cannot open {_fname(path)} ({exc.strerror or exc})") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise CaptionSourceError(f"{who}: {_fname(path)} is not a regular file")
+    return os.fdopen(fd, "rb")
+
+
+def file_sha256(path: str | os.PathLike, who: str = "caption source file") -> str:
+    """sha256 of a regular file; CaptionSourceError (never a hang) for anything else."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
+    with _open_regular(path, who) as f:
+        try:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        except OSError as exc:
+            raise CaptionSourceError(f"{who}: cannot read {_fname(path)} ({exc.strerror or exc})") from None
     return h.hexdigest()
 
 
 def discover_landing(landing_dir: str | os.PathLike) -> list[tuple[str, Path, Path]]:
-    """Complete (name, parquet, json) pairs; a parquet without its json is not yet complete."""
+    """Complete (name, parquet, json) pairs by name; a parquet without its json is not yet complete.
+
+    Entries of any kind pair up (a directory, FIFO or dangling symlink called `<name>.json`
+    too), so validation gives a bad one its reason. Only the directory is listed: no entry is
+    opened or stat'ed here. No landing_dir means no sources; one that exists but cannot be
+    listed is a CaptionSourceError (not "no sources", which would drop every landed caption)."""
     d = Path(landing_dir)
-    if not d.is_dir():
+    try:
+        with os.scandir(d) as it:
+            names = {e.name for e in it}
+    except (FileNotFoundError, NotADirectoryError):
         return []
-    out = []
-    for meta in sorted(d.glob("*.json")):
-        parquet = meta.with_suffix(".parquet")
-        if parquet.is_file():
-            out.append((meta.stem, parquet, meta))
-    return out
+    except OSError as exc:
+        raise CaptionSourceError(f"captions.landing_dir {printable(str(d))} cannot be listed ({exc.strerror or exc})") from None
+    stems = sorted(n[: -len(".json")] for n in names if n.endswith(".json") and len(n) > len(".json"))
+    return [(s, d / f"{s}.parquet", d / f"{s}.json") for s in stems if f"{s}.parquet" in names]
+
+
+def _check_name(name: str) -> None:
+    # The name is stored, logged and put in run tags: it must be text.
+    if any(unicodedata.category(c) in ("Cc", "Cs") for c in name):
+        raise CaptionSourceError(f"{_who(name)}: its file name is not valid UTF-8 text (undecodable bytes or control characters)")
+
+
+def _parse_meta(who: str, meta_path: Path) -> tuple[object, bytes]:
+    """The json's value and its bytes. Any parser failure is a reason: bad syntax, bad UTF-8,
+    nesting past the recursion limit (RecursionError), an integer over Python's digit limit
+    (ValueError)."""
+    with _open_regular(meta_path, who) as f:
+        try:
+            data = f.read(_META_MAX_BYTES + 1)
+        except OSError as exc:
+            raise CaptionSourceError(f"{who}: cannot read {_fname(meta_path)} ({exc.strerror or exc})") from None
+    if len(data) > _META_MAX_BYTES:
+        raise CaptionSourceError(f"{who}: {_fname(meta_path)} is larger than {_META_MAX_BYTES >> 20} MiB")
+    try:
+        return json.loads(data.decode("utf-8")), data
+    except RecursionError:
+        why = "nested too deeply"
+    except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        why = _why(exc)
+    raise CaptionSourceError(f"{who}: {_fname(meta_path)} is not valid JSON ({why})")
 
 
 def read_landing_meta(name: str, parquet: Path, meta_path: Path) -> LandingSource:
-    try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CaptionSourceError(f"caption source {name}: {meta_path.name} is not valid JSON ({exc})") from None
+    """A landing pair's json checked into a LandingSource; CaptionSourceError (one line) says why not.
+
+    Both files must be regular files (see _stat_regular: symlinks to regular files are fine).
+    created_at is finite unix seconds in [0, MAX_CREATED_AT]. A string field holding a lone
+    surrogate (`"\\ud800"`) is rejected, not repaired: these fields are provenance, and a
+    silently altered model name or prompt hash would misstate it."""
+    who = _who(name)
+    _check_name(name)
+    _stat_regular(parquet, who)
+    meta, data = _parse_meta(who, meta_path)
     if not isinstance(meta, dict):
-        raise CaptionSourceError(f"caption source {name}: {meta_path.name} must hold a JSON object")
+        raise CaptionSourceError(f"{who}: {_fname(meta_path)} must hold a JSON object")
     missing = [k for k in REQUIRED_META if k not in meta]
     if missing:
-        raise CaptionSourceError(f"caption source {name}: {meta_path.name} is missing {', '.join(missing)}")
+        raise CaptionSourceError(f"{who}: {_fname(meta_path)} is missing {', '.join(missing)}")
     variant = meta["variant"]
-    if not isinstance(variant, str) or not _VARIANT_RE.match(variant):
-        raise CaptionSourceError(f"caption source {name}: variant {variant!r} is not a valid variant name")
+    if not isinstance(variant, str) or not _VARIANT_RE.fullmatch(variant):
+        raise CaptionSourceError(f"{who}: variant {_value(variant)} is not a valid variant name")
     created = meta["created_at"]
-    if isinstance(created, bool) or not isinstance(created, (int, float)):
-        raise CaptionSourceError(f"caption source {name}: created_at must be unix seconds, got {created!r}")
+    # NaN fails both comparisons; json.loads turns 1e400 into inf.
+    if isinstance(created, bool) or not isinstance(created, (int, float)) or not 0 <= created <= MAX_CREATED_AT:
+        raise CaptionSourceError(
+            f"{who}: created_at must be unix seconds from 0 to {MAX_CREATED_AT} (year 9999), got {_value(created)}"
+        )
     for k in ("backend", "model", "system_prompt_sha256", "user_prompt_sha256"):
         if not isinstance(meta[k], str):
-            raise CaptionSourceError(f"caption source {name}: {k} must be a string")
+            raise CaptionSourceError(f"{who}: {k} must be a string")
+        try:
+            meta[k].encode("utf-8")
+        except UnicodeEncodeError:
+            raise CaptionSourceError(f"{who}: {k} {_value(meta[k])} holds a lone surrogate, so it is not text (rejected, not repaired)") from None
+    parquet_sha = file_sha256(parquet, who)
     return LandingSource(
         name=name,
         variant=variant,
@@ -127,40 +260,120 @@ def read_landing_meta(name: str, parquet: Path, meta_path: Path) -> LandingSourc
         system_prompt_sha256=meta["system_prompt_sha256"],
         user_prompt_sha256=meta["user_prompt_sha256"],
         parquet_path=str(parquet),
-        fingerprint=landing_fingerprint(parquet, meta_path),
+        # = landing_fingerprint, over the json bytes that were validated
+        fingerprint=_pair_fingerprint(parquet_sha, hashlib.sha256(data).hexdigest()),
     )
+
+
+class _LandingScan:
+    """Exactly one landing parquet as an Arrow stream DuckDB can scan again and again.
+
+    read_parquet($path) would expand glob characters in the name (`gem*`, `v[1]`, `a?`) and read
+    other files; this reads the named file only, opened by _open_regular, in file order, with
+    `file_row_number` counted as read_parquet counts it. DuckDB calls __arrow_c_stream__ per
+    scan (and while binding); the file is opened when a scan first pulls rows. Strings are
+    validated as UTF-8 here because DuckDB trusts Arrow strings (read_parquet checked them)."""
+
+    def __init__(self, src: LandingSource, columns: list[str], schema: pa.Schema):
+        self.src, self.columns, self.schema = src, columns, schema
+
+    def _batches(self):
+        import numpy as np
+        import pyarrow.parquet as pq
+
+        who, path = _who(self.src.name), self.src.parquet_path
+        with _open_regular(path, who) as f:
+            try:
+                pf = pq.ParquetFile(f)
+                if [pf.schema_arrow.field(c) for c in self.columns] != list(self.schema)[:-1]:
+                    raise CaptionSourceError(f"{who}: {_fname(path)} changed while it was read")
+                row = 0
+                for batch in pf.iter_batches(batch_size=_SCAN_BATCH_ROWS, columns=self.columns):
+                    arrays = [batch.column(c) for c in self.columns]
+                    for c, a in zip(self.columns, arrays):
+                        try:
+                            a.validate(full=True)
+                        except pa.ArrowInvalid as exc:
+                            what = "text that is not valid UTF-8" if "UTF8" in str(exc) else f"invalid data ({_why(exc)})"
+                            raise CaptionSourceError(f"{who}: column {c!r} holds {what} (in rows {row}..{row + len(a) - 1})") from None
+                    n = batch.num_rows
+                    yield pa.RecordBatch.from_arrays([*arrays, pa.array(np.arange(row, row + n, dtype=np.int64))], schema=self.schema)
+                    row += n
+            except CaptionSourceError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - pyarrow raises several types for a damaged file
+                raise CaptionSourceError(f"{who}: cannot read parquet {_fname(path)} ({_why(exc)})") from None
+
+    def __arrow_c_stream__(self, requested_schema=None):
+        return pa.RecordBatchReader.from_batches(self.schema, self._batches()).__arrow_c_stream__(requested_schema)
+
+
+def _landing_scan(con, src: LandingSource) -> str:
+    """Register the one file of `src` on `con` as a scan; returns the view name."""
+    import pyarrow.parquet as pq
+
+    who = _who(src.name)
+    with _open_regular(src.parquet_path, who) as f:
+        try:
+            schema = pq.ParquetFile(f).schema_arrow
+        except Exception as exc:  # noqa: BLE001 - not a parquet, 0 bytes, truncated, unsupported
+            raise CaptionSourceError(f"{who}: cannot read parquet {_fname(src.parquet_path)} ({_why(exc)})") from None
+    for col in ("image_id", "caption"):
+        if col not in schema.names:
+            raise CaptionSourceError(f"{who}: missing column {col!r}")
+    for col in ("image_id", "caption", "status"):
+        if schema.names.count(col) > 1:
+            raise CaptionSourceError(f"{who}: {schema.names.count(col)} columns are named {col!r}")
+    columns = [c for c in ("image_id", "caption", "status") if c in schema.names]
+    scan_schema = pa.schema([schema.field(c) for c in columns] + [pa.field("file_row_number", pa.int64())])
+    view = "_landing_" + hashlib.sha256(os.fsencode(src.parquet_path)).hexdigest()[:16]
+    con.register(view, _LandingScan(src, columns, scan_schema))
+    return view
+
+
+def landing_query(con, src: LandingSource, sql: str, params: dict | None = None, fetch=lambda r: r.fetchall()):
+    """Run `sql` (over landing_captions_sql) and fetch; any failure reading the file, however
+    DuckDB reports it, is a one-line CaptionSourceError."""
+    try:
+        return fetch(con.execute(sql, params) if params else con.execute(sql))
+    except CaptionSourceError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - DuckDB raises several types; a scan's own reason arrives as text
+        text, own = str(exc), f"{_who(src.name)}: "
+        if own in text:  # a CaptionSourceError raised inside the scan
+            raise CaptionSourceError(own + _why(text[text.index(own) + len(own):])) from None
+        raise CaptionSourceError(f"{own}cannot read captions ({_why(exc)})") from None
 
 
 def landing_captions_sql(con, src: LandingSource) -> str:
     """SQL selecting (image_id, text, status, row_number, flags) from one landing parquet, cleaned like
     clean_caption (NULs removed, trimmed, capped at $max_chars, flagged). Parameters: $path,
-    $max_chars. Raises CaptionSourceError for missing or mistyped columns and non-UTF-8 text."""
-    try:
-        cols = dict(
-            (r[0], r[1]) for r in con.execute("DESCRIBE SELECT * FROM read_parquet($path)", {"path": src.parquet_path}).fetchall()
-        )
-    except Exception as exc:  # noqa: BLE001 - duckdb raises several error types for a bad file
-        raise CaptionSourceError(f"caption source {src.name}: cannot read parquet ({exc})") from None
-    for col in ("image_id", "caption"):
-        if col not in cols:
-            raise CaptionSourceError(f"caption source {src.name}: missing column {col!r}")
-    if cols["image_id"] not in ("VARCHAR", "BIGINT", "INTEGER", "SMALLINT", "TINYINT", "UBIGINT", "UINTEGER", "USMALLINT", "UTINYINT", "HUGEINT"):
-        raise CaptionSourceError(f"caption source {src.name}: column 'image_id' must be string or integer, got {cols['image_id']}")
+    $max_chars. Raises CaptionSourceError for missing or mistyped columns and non-UTF-8 text.
+
+    The rows come from the file itself, registered on `con` (see _LandingScan), not from
+    read_parquet($path), which globs. Only a status of exactly 'ok' counts; a NULL status is
+    stored as 'no_status'; a source without a status column is all 'ok'."""
+    view = _landing_scan(con, src)
+    cols = dict((r[0], r[1]) for r in landing_query(con, src, f"DESCRIBE SELECT * FROM {view}"))
+    if cols["image_id"] not in _ID_TYPES:
+        raise CaptionSourceError(f"{_who(src.name)}: column 'image_id' must be string or integer, got {cols['image_id']}")
     if cols["caption"] == "BLOB":
-        bad = con.execute(
-            """SELECT image_id FROM read_parquet($path)
+        bad = landing_query(
+            con, src,
+            f"""SELECT image_id FROM {view}
                WHERE caption IS NOT NULL AND try(decode(caption)) IS NULL LIMIT 1""",
-            {"path": src.parquet_path},
-        ).fetchone()
+            fetch=lambda r: r.fetchone(),
+        )
         if bad:
-            raise CaptionSourceError(f"caption source {src.name}: the caption of image_id {bad[0]} is not valid UTF-8")
+            raise CaptionSourceError(f"{_who(src.name)}: the caption of image_id {printable(str(bad[0]))} is not valid UTF-8")
         raw = "decode(caption)"
     elif cols["caption"] == "VARCHAR":
         raw = "caption"
     else:
-        raise CaptionSourceError(f"caption source {src.name}: column 'caption' must be string, got {cols['caption']}")
-    status = "coalesce(CAST(status AS VARCHAR), 'ok')" if "status" in cols else "'ok'"
+        raise CaptionSourceError(f"{_who(src.name)}: column 'caption' must be string, got {printable(cols['caption'])}")
+    status = "coalesce(CAST(status AS VARCHAR), 'no_status')" if "status" in cols else "'ok'"
     ws = _WS.replace("'", "''")
+    # $path is selected (and dropped) only so this SQL keeps its parameters: callers bind it.
     return f"""
         SELECT image_id, rtrim(left(t, $max_chars), '{ws}') AS text, status, row_number,
                nullif(concat_ws(',', CASE WHEN has_nul THEN 'caption_nul_removed' END,
@@ -169,23 +382,19 @@ def landing_captions_sql(con, src: LandingSource) -> str:
             SELECT CAST(image_id AS VARCHAR) AS image_id,
                    trim(replace({raw}, chr(0), ''), '{ws}') AS t,
                    contains({raw}, chr(0)) AS has_nul,
-                   {status} AS status, file_row_number AS row_number
-            FROM read_parquet($path, file_row_number = true) WHERE image_id IS NOT NULL
+                   {status} AS status, file_row_number AS row_number, $path AS path
+            FROM {view} WHERE image_id IS NOT NULL
         )"""
 
 
 def check_landing_captions(con, src: LandingSource, max_chars: int) -> int:
     """Read every row once (so encoding errors surface now); returns the row count."""
     sql = landing_captions_sql(con, src)
-    try:
-        # sum(length(text)) makes DuckDB decode every caption, so bad text fails here.
-        return con.execute(
-            f"SELECT count(*), sum(length(text)) FROM ({sql})", {"path": src.parquet_path, "max_chars": max_chars}
-        ).fetchone()[0]
-    except CaptionSourceError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - e.g. invalid UTF-8 in a string column
-        raise CaptionSourceError(f"caption source {src.name}: cannot read captions ({exc})") from None
+    # sum(length(text)) makes DuckDB decode every caption, so bad text fails here.
+    return landing_query(
+        con, src, f"SELECT count(*), sum(length(text)) FROM ({sql})",
+        {"path": src.parquet_path, "max_chars": max_chars}, fetch=lambda r: r.fetchone()[0],
+    )
 
 
 def read_landing_captions(src: LandingSource, max_chars: int) -> pa.Table:
@@ -195,10 +404,10 @@ def read_landing_captions(src: LandingSource, max_chars: int) -> pa.Table:
     con = duckdb.connect()
     try:
         sql = landing_captions_sql(con, src)
-        return con.execute(
-            f"SELECT image_id, text, status, flags FROM ({sql}) ORDER BY row_number",
-            {"path": src.parquet_path, "max_chars": max_chars},
-        ).to_arrow_table()
+        return landing_query(
+            con, src, f"SELECT image_id, text, status, flags FROM ({sql}) ORDER BY row_number",
+            {"path": src.parquet_path, "max_chars": max_chars}, fetch=lambda r: r.to_arrow_table(),
+        )
     finally:
         con.close()
 
@@ -206,23 +415,26 @@ def read_landing_captions(src: LandingSource, max_chars: int) -> pa.Table:
 def load_landing_source(
     con, name: str, parquet: Path, meta: Path, selectors: list[str], max_chars: int
 ) -> LandingSource:
-    """Validate one landing pair completely (json, variant, columns, text); CaptionSourceError
-    says why it cannot be used. `con` is any DuckDB connection (it reads the parquet)."""
+    """Validate one landing pair completely (files, json, variant, columns, text); CaptionSourceError
+    (one line) says why it cannot be used, whatever the files hold. `con` is any DuckDB connection."""
     src = read_landing_meta(name, parquet, meta)
     if src.variant not in selectors:
         raise CaptionSourceError(
-            f"caption source {name}: variant {src.variant!r} is not in captions.selectors {list(selectors)}"
+            f"{_who(name)}: variant {src.variant!r} is not in captions.selectors {list(selectors)}"
         )
     check_landing_captions(con, src, max_chars)
     return src
 
 
+def _pair_fingerprint(parquet_sha: str, meta_sha: str) -> str:
+    return hashlib.sha256(parquet_sha.encode() + meta_sha.encode()).hexdigest()
+
+
 def landing_fingerprint(parquet: Path, meta: Path) -> str:
-    """Content identity of a landing pair: a changed file is a new source version."""
-    h = hashlib.sha256()
-    for p in (parquet, meta):
-        h.update(file_sha256(p).encode())
-    return h.hexdigest()
+    """Content identity of a landing pair: a changed file is a new source version.
+    CaptionSourceError (never a hang) unless both are regular files."""
+    who = _who(Path(parquet).name.removesuffix(".parquet"))
+    return _pair_fingerprint(file_sha256(parquet, who), file_sha256(meta, who))
 
 
 # The waterfall ---------------------------------------------------------------------------

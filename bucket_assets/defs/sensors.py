@@ -15,6 +15,7 @@ Every run carries tags saying why it happened; the UI also shows the sensor that
 import hashlib
 import json
 import os
+import stat
 from pathlib import Path
 
 import dagster as dg
@@ -26,8 +27,11 @@ from bucket_assets.core.captions import (
     check_landing_captions,
     discover_landing,
     landing_captions_sql,
+    landing_file_stat,
     landing_fingerprint,
+    landing_query,
     load_landing_source,
+    printable,
 )
 from bucket_assets.core.db import table_exists
 from bucket_assets.defs.resources import DatasetResource
@@ -40,14 +44,35 @@ REJECTED_DIR = "rejected"
 
 
 def reject_source(landing_dir: str, name: str, parquet: Path, meta: Path, reason: str) -> Path:
-    """Move a bad pair aside with its reason; the json goes first so the pair is never half-complete."""
+    """Move a bad pair aside with its reason; the json goes first so the pair is never half-complete.
+    Entries of any kind move (a directory, FIFO or dangling symlink too, never opened); where
+    rejected/ already holds that name and os.replace cannot overwrite it (a directory on
+    either side), the entry gets a numbered name."""
     dest = Path(landing_dir) / REJECTED_DIR
     dest.mkdir(parents=True, exist_ok=True)
-    (dest / f"{name}.reason.txt").write_text(reason + "\n", encoding="utf-8")
+    (dest / f"{name}.reason.txt").write_text(reason + "\n", encoding="utf-8", errors="backslashreplace")
     for p in (meta, parquet):
-        if p.exists():
-            os.replace(p, dest / p.name)
+        if not os.path.lexists(p):
+            continue
+        target, n = dest / p.name, 0
+        while os.path.lexists(target) and (_is_dir(p) or _is_dir(target)):
+            n += 1
+            target = dest / f"{p.name}.{n}"
+        os.replace(p, target)
     return dest
+
+
+def _is_dir(p: Path) -> bool:
+    return stat.S_ISDIR(os.lstat(p).st_mode)
+
+
+def _reject(context: dg.SensorEvaluationContext, landing_dir: str, name: str, parquet: Path, meta: Path, reason: str) -> None:
+    try:
+        dest = reject_source(landing_dir, name, parquet, meta, reason)
+    except OSError as exc:  # the pair stays and is tried again next tick; the other sources go on
+        context.log.error(f"rejected {printable(name)}: {reason} (could not move it to {REJECTED_DIR}/: {exc})")
+        return
+    context.log.error(f"rejected {printable(name)}: {reason} (moved to {dest})")
 
 
 def _registered(dataset: DatasetResource) -> dict[str, str]:
@@ -73,11 +98,13 @@ def _validate(dataset: DatasetResource, name: str, parquet: Path, meta: Path) ->
         src = load_landing_source(con, name, parquet, meta, sel, cap)
         if not table_exists(con, "raw_index"):
             return 0, check_landing_captions(con, src, cap)
-        unknown, total = con.execute(
+        unknown, total = landing_query(
+            con, src,
             f"""SELECT count(*) FILTER (WHERE image_id NOT IN (SELECT image_id FROM raw_index)), count(*)
                 FROM ({landing_captions_sql(con, src)})""",
             {"path": src.parquet_path, "max_chars": cap},
-        ).fetchone()
+            fetch=lambda r: r.fetchone(),
+        )
     return int(unknown), int(total)
 
 
@@ -95,28 +122,33 @@ def caption_landing_sensor(context: dg.SensorEvaluationContext, dataset: Dataset
     cache: dict = json.loads(context.cursor) if context.cursor else {}
     registered = _registered(dataset)
     new_cache, changed, present = {}, [], set()
-    for name, parquet, meta in discover_landing(landing_dir):
-        st = (parquet.stat(), meta.stat())
-        stat_key = f"{st[0].st_size}:{st[0].st_mtime_ns}:{st[1].st_size}:{st[1].st_mtime_ns}"
-        cached = cache.get(name)
-        fp = cached[1] if cached and cached[0] == stat_key else landing_fingerprint(parquet, meta)
-        if registered.get(name) == fp:
-            new_cache[name] = [stat_key, fp]
-            present.add(name)
-            continue
-        if cached and cached[1] == fp and cached[0] == stat_key and len(cached) > 2:
-            # Already validated and requested; the run has not registered it yet.
-            new_cache[name] = cached
-            present.add(name)
-            changed.append((name, fp))
-            continue
+    try:
+        pairs = discover_landing(landing_dir)
+    except CaptionSourceError as exc:  # the directory itself: skip, rather than see every source removed
+        return dg.SensorResult(skip_reason=str(exc), cursor=context.cursor)
+    for name, parquet, meta in pairs:
+        # Every step below raises only CaptionSourceError for whatever the files are or hold,
+        # so one bad pair is set aside and the others still go into this tick's run.
         try:
+            st = (landing_file_stat(name, parquet), landing_file_stat(name, meta))
+            stat_key = f"{st[0].st_size}:{st[0].st_mtime_ns}:{st[1].st_size}:{st[1].st_mtime_ns}"
+            cached = cache.get(name)
+            fp = cached[1] if cached and cached[0] == stat_key else landing_fingerprint(parquet, meta)
+            if registered.get(name) == fp:
+                new_cache[name] = [stat_key, fp]
+                present.add(name)
+                continue
+            if cached and cached[1] == fp and cached[0] == stat_key and len(cached) > 2:
+                # Already validated and requested; the run has not registered it yet.
+                new_cache[name] = cached
+                present.add(name)
+                changed.append((name, fp))
+                continue
             unknown, total = _validate(dataset, name, parquet, meta)
             if total and unknown == total:
-                raise CaptionSourceError(f"caption source {name}: none of its {total} image ids is in the raw index")
+                raise CaptionSourceError(f"caption source {printable(name)}: none of its {total} image ids is in the raw index")
         except CaptionSourceError as exc:
-            dest = reject_source(landing_dir, name, parquet, meta, str(exc))
-            context.log.error(f"rejected {name}: {exc} (moved to {dest})")
+            _reject(context, landing_dir, name, parquet, meta, str(exc))
             continue
         if unknown:
             context.log.warning(f"caption source {name}: {unknown} of {total} image ids are not in the raw index")

@@ -9,6 +9,7 @@ from bucket_assets.core.captions import (
     build_caption_table,
     discover_landing,
     load_landing_source,
+    printable,
     select_captions,
 )
 from bucket_assets.core.db import replace_table, transaction
@@ -30,12 +31,17 @@ def caption_table(context: dg.AssetExecutionContext, dataset: DatasetResource) -
     `<name>.parquet` + `<name>.json` pair in the landing directory."""
     spec = dataset.load()
     landing, rejected = [], []
+    try:
+        pairs = discover_landing(spec.captions.landing_dir)
+    except CaptionSourceError as exc:  # the directory itself, not one source: building on would drop every landed caption
+        raise dg.Failure(description=str(exc)) from None
     with dataset.db() as con:
-        for name, parquet, meta in discover_landing(spec.captions.landing_dir):
+        for name, parquet, meta in pairs:
+            # load_landing_source raises only CaptionSourceError, whatever the pair is or holds.
             try:
                 landing.append(load_landing_source(con, name, parquet, meta, spec.captions.selectors, spec.captions.max_chars))
             except CaptionSourceError as exc:
-                rejected.append((name, str(exc)))
+                rejected.append((printable(name), str(exc)))  # the name may not be valid UTF-8
                 context.log.error(f"rejected caption source: {exc}")
         inputs = [(s.name, s.kind, s.caption_variant) for s in spec.sources]
         with transaction(con, "captions"):
