@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import shutil
 import sys
 from pathlib import Path
 
@@ -17,7 +16,18 @@ def _fail(msg: str, code: int = 2) -> int:
     return code
 
 
-DEFAULT_INSTANCE_YAML = "telemetry:\n  enabled: false\nrun_queue:\n  max_concurrent_runs: 2\n"
+# The settings of the project's dagster.yaml (a test keeps the two equal).
+DEFAULT_INSTANCE_YAML = """\
+telemetry:
+  enabled: false
+run_queue:
+  max_concurrent_runs: 2
+  tag_concurrency_limits:
+    - key: dagster/code_location
+      value:
+        applyLimitPerUniqueValue: true
+      limit: 1
+"""
 
 
 def ensure_dagster_home() -> Path:
@@ -29,12 +39,19 @@ def ensure_dagster_home() -> Path:
     p = Path(home)
     created = not p.exists()
     p.mkdir(parents=True, exist_ok=True)
-    if not (p / "dagster.yaml").exists():
+    target = p / "dagster.yaml"
+    if not target.exists():
         if Path("dagster.yaml").is_file():
-            shutil.copy("dagster.yaml", p / "dagster.yaml")
+            text = Path("dagster.yaml").read_bytes()
         elif created:
             # A home we just made gets the project's instance settings (as in ./dagster.yaml).
-            (p / "dagster.yaml").write_text(DEFAULT_INSTANCE_YAML)
+            text = DEFAULT_INSTANCE_YAML.encode()
+        else:
+            return p
+        # Whole or not at all: a build of another spec may be opening this home right now.
+        tmp = p / f".dagster.yaml.{os.getpid()}.tmp"
+        tmp.write_bytes(text)
+        os.replace(tmp, target)
     return p
 
 
@@ -98,24 +115,47 @@ def cmd_build(args: argparse.Namespace) -> int:
     except SpecError as exc:
         return _fail(str(exc))
 
-    home = ensure_dagster_home()
+    from bucket_assets import definitions
+    from bucket_assets.core.buildlock import BuildLock, BuildLockBusy
 
+    # One build per work_dir at a time (two would prune each other's store packs), decided before
+    # anything is touched: the Dagster instance, the output dir, the metadata DB.
+    lock = BuildLock(definitions.dataset_resource(spec_path).load().work_dir)
+    try:
+        lock.acquire()
+    except BuildLockBusy as exc:
+        return _fail(str(exc), 1)
+    except OSError as exc:
+        return _fail(f"cannot take the build lock {lock.path}: {exc.strerror or exc}")
+    try:
+        return _build(args, spec, spec_path)
+    finally:
+        lock.release()
+
+
+def _build(args: argparse.Namespace, spec, spec_path: str) -> int:
+    """The build itself; the caller holds the spec's build lock."""
     import dagster as dg
 
     from bucket_assets import definitions
     from bucket_assets.core.buckets import bucket_table
+    from bucket_assets.core.buildlock import instance_creation_lock
     from bucket_assets.core.publish import output_dir_problem
 
     problem = output_dir_problem(definitions.dataset_resource(spec_path).load().output_dir)
     if problem:
         return _fail(problem)
 
+    home = ensure_dagster_home()
+
     from bucket_assets.core import progress
 
     progress.set_listener(_progress_listener(sys.stderr))
     ids = [b.id for b in bucket_table(spec.buckets.base_resolutions, spec.buckets.divisible)]
     tags = {"dagster/asset_partition_range_start": ids[0], "dagster/asset_partition_range_end": ids[-1]}
-    with dg.DagsterInstance.get() as instance:
+    with instance_creation_lock(home):
+        instance = dg.DagsterInstance.get()
+    with instance:
         # The full event log lives in the instance (and the UI); the console gets it only with -v.
         level = "DEBUG" if args.verbose else "CRITICAL"
         result = dg.execute_job(

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import io
 import os
+import stat
+import sys
+import tempfile
 from pathlib import Path
 from typing import Iterable
 
@@ -19,8 +22,38 @@ CHART_NAME = "bucket_distribution.png"
 SHEETS_DIR = "contact_sheets"
 
 
+def _keep_matplotlib_out_of_home() -> None:
+    """matplotlib keeps its font cache in $MPLCONFIGDIR, else under $HOME (~/.cache/matplotlib).
+    Unless the user chose a dir, point it at a private one under the system temp dir (reused by
+    later builds, so the cache is built once): a build writes only to its work and output dirs.
+    Effective only before matplotlib is first imported (it reads the variable then)."""
+    if os.environ.get("MPLCONFIGDIR") or "matplotlib" in sys.modules:
+        return
+    uid = os.getuid()
+    d = os.path.join(tempfile.gettempdir(), f"bucket_assets-mpl-{uid}")
+    try:
+        os.mkdir(d, 0o700)
+    except FileExistsError:
+        pass
+    except OSError:
+        d = None
+    if d is not None:
+        # The temp dir is shared: trust only a real dir of ours that nobody else can write.
+        st = os.lstat(d)
+        if not (stat.S_ISDIR(st.st_mode) and st.st_uid == uid and not st.st_mode & 0o022):
+            d = None
+    if d is None:
+        import atexit
+        import shutil
+
+        d = tempfile.mkdtemp(prefix=f"bucket_assets-mpl-{uid}-")
+        atexit.register(shutil.rmtree, d, True)
+    os.environ["MPLCONFIGDIR"] = d
+
+
 def bucket_chart_png(manifest: dict) -> bytes:
     """Samples per bucket, buckets ordered by aspect ratio (tall to wide), as a bar chart."""
+    _keep_matplotlib_out_of_home()
     import matplotlib
 
     matplotlib.use("Agg")
