@@ -147,3 +147,22 @@ def dagster_dev(cwd: Path, env: dict, port: int, startup_timeout: float = 120) -
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
         log.close()
+
+
+@contextmanager
+def unwritable_dir(path: Path) -> Iterator[None]:
+    """`path` cannot be written to (entries created, removed or renamed) inside the block. Root
+    ignores permission bits, so as root the immutable attribute is used; skips where neither
+    binds."""
+    if os.geteuid() == 0:
+        lock = subprocess.run(["chattr", "+i", str(path)], capture_output=True) if shutil.which("chattr") else None
+        if lock is None or lock.returncode != 0:
+            pytest.skip("running as root and chattr +i is not available here")
+        unlock = ["chattr", "-i", str(path)]
+    else:
+        path.chmod(0o555)
+        unlock = ["chmod", "755", str(path)]
+    try:
+        yield
+    finally:
+        subprocess.run(unlock, check=True)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import shutil
 import signal
 import subprocess
 import sys
@@ -25,7 +24,7 @@ from bucket_assets.core.atomic import TMP_PREFIX
 from bucket_assets.core.manifest import VOLATILE_FIELDS, verify_export
 from bucket_assets.core.processing import JOURNAL_NAME, read_journal
 from bucket_assets.core.shards import read_shard
-from bucket_assets_tests.conftest import spec_dict
+from bucket_assets_tests.conftest import spec_dict, unwritable_dir
 
 # (case id, failpoint). Together they cover every stage, the DB commits, a store file, a shard
 # and the manifest and card half written.
@@ -248,19 +247,8 @@ def test_full_disk_fails_clearly_and_keeps_the_previous_export(sample_root, tmp_
 
 def test_unwritable_output_fails_clearly_and_keeps_the_previous_export(sample_root, tmp_path):
     spec, export, shards, manifest = _previous_export(sample_root, tmp_path)
-    if os.geteuid() == 0:
-        # root ignores permission bits; the immutable attribute binds it too (ext4 and most others)
-        lock = subprocess.run(["chattr", "+i", str(export)], capture_output=True, text=True) if shutil.which("chattr") else None
-        if lock is None or lock.returncode != 0:
-            pytest.skip("running as root and chattr +i is not available here")
-        unlock = ["chattr", "-i", str(export)]
-    else:
-        export.chmod(0o555)
-        unlock = ["chmod", "755", str(export)]
-    try:
+    with unwritable_dir(export):
         rc, log = _finish(_start(spec))
-    finally:
-        subprocess.run(unlock, check=True)
     assert rc == 1, log
     assert "build failed: bucket_shards" in log and ("Permission denied" in log or "Operation not permitted" in log), log
     _assert_intact(export, shards, manifest)

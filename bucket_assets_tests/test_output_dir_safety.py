@@ -5,17 +5,13 @@ corrupt manifest, and a no-op rebuild writes nothing (so it works on a read-only
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
 from pathlib import Path
 
-import pytest
 import yaml
 
 from bucket_assets.core.manifest import verify_export
 from bucket_assets.core.publish import MARKER, output_dir_problem
-from bucket_assets_tests.conftest import materialize_all, run_cli
+from bucket_assets_tests.conftest import materialize_all, run_cli, unwritable_dir
 
 USER_FILES = {
     "buckets/family/photo.jpg": b"my holiday",
@@ -96,17 +92,6 @@ def test_a_no_op_rebuild_writes_nothing_into_the_export(make_spec):
     assert materialize_all(spec).success
     export = Path(yaml.safe_load(spec.read_text())["output_dir"])
     before = {p: p.stat().st_mtime_ns for p in export.rglob("*")}
-    if os.geteuid() == 0:
-        # root ignores permission bits; the immutable attribute binds it too (ext4 and most others)
-        lock = subprocess.run(["chattr", "+i", str(export)], capture_output=True) if shutil.which("chattr") else None
-        if lock is None or lock.returncode != 0:
-            pytest.skip("running as root and chattr +i is not available here")
-        unlock = ["chattr", "-i", str(export)]
-    else:
-        export.chmod(0o555)
-        unlock = ["chmod", "755", str(export)]
-    try:
+    with unwritable_dir(export):
         assert materialize_all(spec).success
-    finally:
-        subprocess.run(unlock, check=True)
     assert {p: p.stat().st_mtime_ns for p in export.rglob("*")} == before

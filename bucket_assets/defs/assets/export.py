@@ -1,7 +1,6 @@
 """Stage 5: per-bucket shards, the manifest and the dataset card."""
 
 
-import json
 from datetime import datetime, timezone
 from pathlib import Path
 

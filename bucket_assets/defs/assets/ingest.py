@@ -2,7 +2,6 @@
 
 
 import dagster as dg
-import pyarrow as pa
 
 from bucket_assets.core.buckets import bucket_table
 from bucket_assets.core.db import replace_table, table_exists, transaction
