@@ -2,21 +2,73 @@
 
 from __future__ import annotations
 
+import json
+import re
+from urllib.parse import quote
+
 CORNER_NAMES = "0=TL, 1=TR, 2=BL, 3=BR"
 
+# Every value below that comes from the manifest (spec name, bucket ids, caption source fields,
+# summary keys...) is escaped for where it lands: _text for table cells, list items and the
+# heading, _code for inline code, _yaml for the front matter, quote() for link targets.
+# Line breaks and other control characters (a tab is kept).
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f\x85\u2028\u2029]")
+# HTML, table pipes, links/images, code spans, backslash escapes and emphasis (an underscore only
+# at a word's edge: intraword ones never emphasise), as entities that render literally.
+_TEXT_SPECIAL = re.compile(r'[&<>"|\\\[\]`*~]|(?<![A-Za-z0-9])_|_(?![A-Za-z0-9])')
+_ENTITY = {"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;"}
+# A block marker (heading, quote, list item) at the start of a list item's content.
+_BLOCK_START = re.compile(r"^[#>+*=-]|^\d+(?=[.)](\s|$))")
+_CODE_UNSAFE = re.compile(r"[&<>\x00-\x08\x0a-\x1f\x7f\x85\u2028\u2029]")
 
-def _n(v: int) -> str:
-    return f"{v:,}"
+
+def _str(v) -> str:
+    s = "" if v is None else str(v)
+    return s.encode("utf-16", "surrogatepass").decode("utf-16", "replace")  # lone surrogates -> U+FFFD
+
+
+def _text(v) -> str:
+    """A value as one line of inline markdown that cannot open HTML, a link, a code span or a new
+    table cell."""
+    return _TEXT_SPECIAL.sub(lambda m: _ENTITY.get(m.group(), f"&#{ord(m.group())};"), _CONTROL.sub(" ", _str(v)))
+
+
+def _item(v) -> str:
+    """_text for the start of a list item, where a leading `#`, `>`, `-` or `1.` would nest a block."""
+    return _BLOCK_START.sub(lambda m: "".join(f"&#{ord(c)};" for c in m.group()), _text(v))
+
+
+def _code(v) -> str:
+    """A value as inline code. Code spans show their content raw (no entities), so a value with
+    HTML or line breaks becomes <code> with escaped text; backticks get a longer fence."""
+    s = _str(v)
+    if _CODE_UNSAFE.search(s):
+        return f"<code>{_text(s)}</code>"
+    if "`" not in s:
+        return f"`{s}`"
+    fence = "`" * (max(map(len, re.findall(r"`+", s))) + 1)
+    pad = " " if s.startswith("`") or s.endswith("`") else ""
+    return f"{fence}{pad}{s}{pad}{fence}"
+
+
+def _yaml(s: str) -> str:
+    """A YAML double-quoted scalar (JSON's escapes are YAML's), with nothing HTML-like left raw."""
+    return re.sub(r"[<>&\x7f-\x9f\u2028\u2029\ufeff]", lambda m: f"\\u{ord(m.group()):04x}",
+                  json.dumps(_str(s), ensure_ascii=False))
+
+
+def _n(v) -> str:
+    return f"{v:,}" if isinstance(v, (int, float)) and not isinstance(v, bool) else _str(v)
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    lines += ["| " + " | ".join(_text(c) for c in r) + " |" for r in rows]
     return "\n".join(lines)
 
 
 def _short(h: str | None) -> str:
-    return f"{h[:12]}…" if h else ""
+    return f"{_str(h)[:12]}…" if h else ""
 
 
 def render_card(m: dict, pictures: bool = False) -> str:
@@ -29,7 +81,7 @@ def render_card(m: dict, pictures: bool = False) -> str:
     multi = len(m["base_resolutions"]) > 1
     pre = m["preprocessing"]
     ids = sorted(buckets)
-    preview = ", ".join(f"`{i}`" for i in ids[:20]) + (f", … (+{len(ids) - 20} more)" if len(ids) > 20 else "")
+    preview = ", ".join(_code(i) for i in ids[:20]) + (f", … (+{len(ids) - 20} more)" if len(ids) > 20 else "")
     dist = sorted(buckets.items(), key=lambda kv: (-kv[1]["count"], kv[0]))
     dist_rows = [
         [bid, f"{b['scaled']['w']}×{b['scaled']['h']}", f"{b['scaled']['w'] / b['scaled']['h']:.3f}", _n(b["count"])]
@@ -57,19 +109,19 @@ def render_card(m: dict, pictures: bool = False) -> str:
         ["✓" if v in selected else "", v, _n(c)] for v, c in list(m["caption_variants"].items())[:30]
     ]
     models = [s for s in m["caption_selectors"] if s["model"]]
-    model_list = "\n".join(f"{i + 1}. `{s['model']}` (`{s['variant']}`)" for i, s in enumerate(models))
+    model_list = "\n".join(f"{i + 1}. {_code(s['model'])} ({_code(s['variant'])})" for i, s in enumerate(models))
     summary_lines = "\n".join(
-        f"- {k}: {_n(v)}" for k, v in summary.items() if isinstance(v, int)
+        f"- {_item(k)}: {_n(v)}" for k, v in summary.items() if isinstance(v, int)
     )
     tar_skips = summary.get("tar_members_skipped") or {}
     if tar_skips:
         summary_lines += "\n- source members skipped (not samples): " + ", ".join(
-            f"{k} {_n(v)}" for k, v in tar_skips.items()
+            f"{_text(k)} {_text(_n(v))}" for k, v in tar_skips.items()
         )
     flags = summary.get("flags") or {}
     if flags:
         summary_lines += "\n- repaired or ignored values (records kept): " + ", ".join(
-            f"{k} {_n(v)}" for k, v in flags.items()
+            f"{_text(k)} {_text(_n(v))}" for k, v in flags.items()
         )
     dct_note = (
         "\n- Approximate mode (`dct_downscale=true`): JPEG sources were decoded at a reduced DCT scale "
@@ -86,7 +138,7 @@ def render_card(m: dict, pictures: bool = False) -> str:
         "(`skipped_passthrough_not_jpeg`)."
     )
     return f"""---
-pretty_name: "{title}"
+pretty_name: {_yaml(title)}
 license: other
 task_categories:
 - text-to-image
@@ -98,10 +150,10 @@ tags:
 - captions
 - bucketed-shards
 ---
-# {title}
+# {_text(title)}
 
-This is a captioned bucketed-shards export of the `{m['name']}` dataset.
-Images were filtered and resized/cropped into SDXL-style aspect-ratio buckets at base resolution(s) `{m['base_resolutions']}`, without upsampling. The export contains `{_n(samples)}` samples ({_n(summary['images_exported'])} images) across `{_n(n_shards)}` uncompressed WebDataset-style tar shards.
+This is a captioned bucketed-shards export of the {_code(m['name'])} dataset.
+Images were filtered and resized/cropped into SDXL-style aspect-ratio buckets at base resolution(s) {_code(m['base_resolutions'])}, without upsampling. The export contains {_code(_n(samples))} samples ({_text(_n(summary['images_exported']))} images) across {_code(_n(n_shards))} uncompressed WebDataset-style tar shards.
 
 Captions were selected per image from these sources in priority order:
 {model_list or '(no model-generated caption sources; captions come from the input sources)'}
@@ -109,11 +161,11 @@ Captions were selected per image from these sources in priority order:
 Each sample's `.json` metadata records `caption_variant`, `caption_selector_index`, and `caption_source_id`. `manifest.json` records the caption source table and prompt hashes.
 
 ## Format
-- **Format**: `{m['format']}`
-- **Created**: `{m['created']}`
-- **Export ID**: `{m['export_id']}`
+- **Format**: {_code(m['format'])}
+- **Created**: {_code(m['created'])}
+- **Export ID**: {_code(m['export_id'])}
 - **Manifest**: `manifest.json`
-- **Image mode**: `{m['image_mode']}`
+- **Image mode**: {_code(m['image_mode'])}
 
 Directory layout:
 - `manifest.json` (global metadata + per-bucket shard listing)
@@ -128,26 +180,26 @@ Each TAR shard contains 3 files per sample:
 If `image_mode=reencode_jpeg`, images are processed deterministically per-sample:
 - EXIF transpose, convert to RGB (alpha composited on white, 16-bit greys scaled to 8 bit, ICC profiles converted to sRGB)
 - **Cover-resize** using **torch CPU** bicubic interpolation with antialiasing (`mode=bicubic`, `antialias=True`)
-- **Never upsample**: samples that would require upscaling are skipped (`too_small_policy={pre['too_small_policy']}`)
-- Crop to the bucket target size (`crop_strategy={pre['crop_strategy']}`, allowed corners `{pre['allowed_corners']}`){dct_note}
+- **Never upsample**: samples that would require upscaling are skipped ({_code(f"too_small_policy={pre['too_small_policy']}")})
+- Crop to the bucket target size ({_code(f"crop_strategy={pre['crop_strategy']}")}, allowed corners {_code(pre['allowed_corners'])}){dct_note}
 
 Resize/crop details:
 - Cover scale is `scale = max(target_w / src_w, target_h / src_h)`; if `scale > 1`, the sample is skipped.
 - Each resized side is `round(src * scale)`, never below the target side.
 - After resize, a crop box is chosen deterministically from the sample key (sha256 of `image_id`).
-- Corner strategy chooses a corner from `allowed_corners` where `{CORNER_NAMES}` (optional small jitter for `corner_jitter`, here `{pre['corner_jitter']}`).
+- Corner strategy chooses a corner from `allowed_corners` where `{CORNER_NAMES}` (optional small jitter for `corner_jitter`, here {_code(pre['corner_jitter'])}).
 
 JPEG encoding:
-- quality `{pre['jpeg_quality']}`
-- subsampling policy `{pre['jpeg_subsampling']}` (adaptive threshold `{pre['adaptive_threshold']}`: 4:4:4 when `scale < threshold`, else 4:2:0)
+- quality {_code(pre['jpeg_quality'])}
+- subsampling policy {_code(pre['jpeg_subsampling'])} (adaptive threshold {_code(pre['adaptive_threshold'])}: 4:4:4 when `scale < threshold`, else 4:2:0)
 
 {mode_note}
 
 ## Buckets / resolutions
 - Buckets follow **SDXL-style proto buckets** defined at a 1024×1024 base.
-- Base resolution(s): `{m['base_resolutions']}`
+- Base resolution(s): {_code(m['base_resolutions'])}
 - {'In multi-res exports, buckets are namespaced by base resolution: `r<base>_<proto>`, e.g. `r512_p1024x1024`.' if multi else 'In single-res exports, `bucket_id` is the **proto** (1024-base) bucket, e.g. `p1024x1024`.'}
-- The **actual target resolution** for each bucket (proto × base / 1024, rounded half-up to a multiple of `divisible={m['divisible']}`) is stored in:
+- The **actual target resolution** for each bucket (proto × base / 1024, rounded half-up to a multiple of {_code(f"divisible={m['divisible']}")}) is stored in:
 - `manifest.json` → `buckets[<bucket_id>].scaled.w/h` (and `base_resolution`)
 - each sample's `<key>.json` → `target_w` / `target_h`
 - Each image goes to the bucket whose aspect ratio is nearest in log space (`|ln(w/h) - ln(tw/th)|`), once per base resolution.
@@ -174,7 +226,7 @@ Caption priority (waterfall) + planned usage:
 Available caption variants (top 30):
 {_table(['selected', 'variant', 'images_with_ok_caption'], var_rows)}
 
-Missing caption policy: `{m['missing_caption_policy']}`
+Missing caption policy: {_code(m['missing_caption_policy'])}
 
 ## Export summary
 {summary_lines}
@@ -240,8 +292,8 @@ def _pictures(m: dict) -> str:
 
     buckets = sorted(m["buckets"].items(), key=lambda kv: (-kv[1]["count"], kv[0]))
     sheets = "\n".join(
-        f"- `{bid}` ({b['scaled']['w']}×{b['scaled']['h']}, {_n(b['count'])} samples): "
-        f"![{bid}]({sheet_path(bid)})"
+        f"- {_code(bid)} ({_text(b['scaled']['w'])}×{_text(b['scaled']['h'])}, {_text(_n(b['count']))} samples): "
+        f"![{_text(bid)}]({quote(sheet_path(bid))})"
         for bid, b in buckets
     )
     return f"""

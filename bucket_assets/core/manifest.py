@@ -6,12 +6,21 @@ import hashlib
 import io
 import json
 import os
+import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated, Literal
 
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
+from pydantic import BaseModel, Field, StrictInt, StrictStr, ValidationError
 
-from bucket_assets.core.shards import MEMBER_EXTS, SAMPLE_JSON_KEYS, file_sha256, read_shard
+from bucket_assets.core.shards import MEMBER_EXTS, SAMPLE_JSON_KEYS, read_shard
+
+# The spec's image.max_pixels bounds sources when they are rendered; verify must accept what that
+# stage accepted (core.imaging lifts Pillow's bomb limit the same way). Decoding at 1/8 scale keeps
+# memory bounded anyway.
+Image.MAX_IMAGE_PIXELS = None
 
 FORMAT = "bucketed_shards_v1"
 MANIFEST_NAME = "manifest.json"
@@ -37,7 +46,18 @@ def same_content(a: dict, b: dict) -> bool:
 
 
 class VerifyError(Exception):
-    """The first problem found; names the shard (or the manifest)."""
+    """The first problem found; names the shard (or the manifest). Always one line: names taken
+    from the manifest may hold newlines, so control characters are shown escaped."""
+
+    def __init__(self, message: str):
+        super().__init__(_one_line(message))
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f\x85\u2028\u2029]")
+
+
+def _one_line(s: str) -> str:
+    return _CONTROL.sub(lambda m: repr(m.group())[1:-1], s)
 
 
 @dataclass
@@ -49,13 +69,219 @@ class VerifyReport:
     verified: dict | None = None  # path -> [size, mtime_ns, inode, sha256] of every good shard
 
 
-def _stat_key(path: Path) -> list:
-    st = path.stat()
-    return [st.st_size, st.st_mtime_ns, st.st_ino]
+# The part of manifest.json that verify relies on, checked in one pass before any shard is
+# touched; other fields are the card's business and are ignored here.
+_Count = Annotated[StrictInt, Field(ge=0)]
+_Side = Annotated[StrictInt, Field(gt=0)]
+
+
+class _ShardEntry(BaseModel):
+    path: StrictStr
+    samples: _Count
+    bytes: _Count
+    sha256: Annotated[StrictStr, Field(pattern=r"^[0-9a-f]{64}$")]
+
+
+class _Size(BaseModel):
+    w: _Side
+    h: _Side
+
+
+class _Bucket(BaseModel):
+    scaled: _Size
+    count: _Count
+    shards: list[_ShardEntry]
+
+
+class _Summary(BaseModel):
+    samples_exported: _Count | None = None
+
+
+class _Manifest(BaseModel):
+    format: Literal[FORMAT]
+    image_mode: Literal["reencode_jpeg", "passthrough_jpeg"]
+    buckets: dict[str, _Bucket]
+    summary: _Summary = _Summary()
+
+
+_EXPECTED = {
+    "model_type": "an object", "dict_type": "an object", "list_type": "a list", "int_type": "an integer",
+    "string_type": "a string", "string_pattern_mismatch": "64 lowercase hex digits",
+}
+
+
+def _where(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif re.fullmatch(r"[A-Za-z0-9_-]+", part):
+            out += f".{part}" if out else part
+        else:
+            out += f"[{part!r}]"
+    return out or "top level"
+
+
+def _kind(v) -> str:
+    if v is None or isinstance(v, bool):
+        return json.dumps(v)
+    if isinstance(v, (dict, list)):
+        return "an object" if isinstance(v, dict) else "a list"
+    r = repr(v)
+    return r if len(r) <= 40 else r[:37] + "..."
+
+
+def _schema_problem(exc: ValidationError) -> str:
+    errors = exc.errors(include_url=False)
+    e = errors[0]
+    loc, t, ctx = tuple(e["loc"]), e["type"], e.get("ctx") or {}
+    if t == "missing":
+        msg = f"{_where(loc[:-1])} has no {loc[-1]}"
+    else:
+        if t == "literal_error":
+            expected = ctx.get("expected", "")
+        elif t == "greater_than_equal":
+            expected = f">= {ctx.get('ge')}"
+        elif t == "greater_than":
+            expected = f"> {ctx.get('gt')}"
+        else:
+            expected = _EXPECTED.get(t, e["msg"].lower())
+        msg = f"{_where(loc)} is {_kind(e.get('input'))}, expected {expected}"
+    return msg + (f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else "")
+
+
+def _file_kind(mode: int) -> str:
+    for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISLNK, "a symlink"), (stat.S_ISFIFO, "a FIFO"),
+                       (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a device"), (stat.S_ISBLK, "a device")):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def _open_regular(path: Path, st: os.stat_result, what: str):
+    """Open a file already stat'ed as regular, without following a final symlink and without
+    blocking (a FIFO swapped in since the stat would otherwise hang the open), and check that the
+    open file is the one stat'ed."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
+    except OSError as exc:
+        raise VerifyError(f"{what}: cannot open ({exc.strerror})") from None
+    fst = os.fstat(fd)
+    if not stat.S_ISREG(fst.st_mode) or (fst.st_dev, fst.st_ino) != (st.st_dev, st.st_ino):
+        os.close(fd)
+        raise VerifyError(f"{what}: changed while being verified")
+    return os.fdopen(fd, "rb")
+
+
+def _read_manifest(mpath: Path) -> _Manifest:
+    try:
+        st = os.stat(mpath)  # a symlinked manifest is fine; its target must be a regular file
+    except FileNotFoundError:
+        raise VerifyError(f"{mpath}: manifest is missing") from None
+    except OSError as exc:
+        raise VerifyError(f"{mpath}: cannot stat the manifest ({exc.strerror})") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise VerifyError(f"{mpath}: manifest is not a regular file ({_file_kind(st.st_mode)})")
+    with _open_regular(Path(os.path.realpath(mpath)), st, str(mpath)) as f:
+        raw = f.read()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise VerifyError(f"{mpath}: not UTF-8 ({exc.reason} at byte {exc.start})") from None
+    try:
+        data = json.loads(text)
+    except RecursionError:
+        raise VerifyError(f"{mpath}: not valid JSON (nested too deeply)") from None
+    except ValueError as exc:  # JSONDecodeError, or an integer literal over Python's digit limit
+        raise VerifyError(f"{mpath}: not valid JSON ({exc})") from None
+    try:
+        return _Manifest.model_validate(data)
+    except ValidationError as exc:
+        raise VerifyError(f"{mpath}: {_schema_problem(exc)}") from None
+
+
+def _shard_file(root: Path, buckets_real: Path, rel: str) -> tuple[Path, str, os.stat_result]:
+    """(path, resolved path, lstat) of a listed shard: a regular file under <export>/buckets/,
+    after resolving every symlink and `..` (the listed file itself may not be a symlink)."""
+    path = root / rel
+    try:
+        real = os.path.realpath(path)
+    except (OSError, ValueError) as exc:  # a NUL byte, a symlink loop
+        raise VerifyError(f"{rel}: not a usable path ({exc})") from None
+    if not Path(real).is_relative_to(buckets_real) or Path(real) == buckets_real:
+        raise VerifyError(f"{rel}: path outside the export (shards live under buckets/)")
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        raise VerifyError(f"{rel}: shard listed in the manifest is missing") from None
+    except OSError as exc:
+        raise VerifyError(f"{rel}: cannot stat ({exc.strerror})") from None
+    if stat.S_ISLNK(st.st_mode):
+        raise VerifyError(f"{rel}: listed shard is a symlink, not a regular file")
+    if not stat.S_ISREG(st.st_mode):
+        raise VerifyError(f"{rel}: listed shard is not a regular file ({_file_kind(st.st_mode)})")
+    return path, real, st
+
+
+def _sha256_of(f) -> str:
+    h = hashlib.sha256()
+    for chunk in iter(lambda: f.read(1 << 20), b""):
+        h.update(chunk)
+    return h.hexdigest()
+
+
+# The JPEG SOF markers that mean arithmetic coding (SOF9-11, SOF13-15).
+_ARITH_SOF = {0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+
+
+def _sof_marker(data: bytes) -> int | None:
+    """The start-of-frame marker of a JPEG header, for naming why a decode failed."""
+    i = 2
+    while i + 4 <= len(data) and data[i] == 0xFF:
+        m = data[i + 1]
+        if m == 0xFF:
+            i += 1
+            continue
+        if m == 0xDA:
+            return None
+        if 0xC0 <= m <= 0xCF and m not in (0xC4, 0xC8, 0xCC):
+            return m
+        i += 2 + int.from_bytes(data[i + 2 : i + 4], "big")
+    return None
+
+
+def jpeg_decodes(data: bytes) -> tuple[int, int]:
+    """(width, height) of JPEG bytes that Pillow decodes completely; ValueError with a one-line
+    reason otherwise. MPO (a JPEG with an MPF block, as cameras write) counts as JPEG.
+
+    The decode runs at 1/8 scale (Image.draft): libjpeg still entropy-decodes every coefficient,
+    so a truncated or corrupt scan fails exactly as a full decode does (tested), but most of the
+    IDCT and colour conversion and 63/64 of the pixel memory are skipped. Pillow decodes an
+    arithmetic-coded JPEG only while its scan does not cross Pillow's 64 KiB read buffer
+    (libjpeg's arithmetic decoder cannot suspend), where libjpeg-turbo given the whole file
+    (simplejpeg) succeeds: deciding decodability here keeps the image stage, verify and
+    Pillow-based loaders in agreement.
+    """
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            fmt, (w, h) = im.format, im.size
+            if fmt in ("JPEG", "MPO"):
+                im.draft("RGB", (max(1, w // 8), max(1, h // 8)))
+                im.load()
+    except UnidentifiedImageError:
+        raise ValueError("Pillow cannot identify it as an image") from None
+    except Exception as exc:  # noqa: BLE001 - any decoder failure means "does not decode"
+        sof = _sof_marker(data)
+        what = f"arithmetic-coded JPEG (SOF{sof - 0xC0}): " if sof in _ARITH_SOF else ""
+        raise ValueError(_one_line(f"{what}Pillow cannot decode it ({type(exc).__name__}: {exc})")) from None
+    if fmt not in ("JPEG", "MPO"):
+        raise ValueError(f"{fmt} image, not JPEG")
+    return w, h
 
 
 def _check_sample(
-    shard: str, key: str, parts: dict[str, bytes], bucket_id: str, bucket: dict, mode: str, trusted: frozenset
+    shard: str, key: str, parts: dict[str, bytes], bucket_id: str, target: tuple[int, int], mode: str,
+    trusted: frozenset,
 ) -> None:
     if sorted(parts) != sorted(MEMBER_EXTS):
         raise VerifyError(f"{shard}: sample {key} has members {sorted(parts)}, expected jpg/txt/json")
@@ -69,24 +295,19 @@ def _check_sample(
         raise VerifyError(f"{shard}: {key}.txt is not newline-terminated")
     try:
         meta = json.loads(parts["json"])
-    except json.JSONDecodeError:
+    except (ValueError, RecursionError):
         raise VerifyError(f"{shard}: {key}.json is not valid JSON") from None
     if not isinstance(meta, dict) or set(meta) != set(SAMPLE_JSON_KEYS):
         raise VerifyError(f"{shard}: {key}.json does not have the bucketed_shards_v1 keys")
-    tw, th = bucket["scaled"]["w"], bucket["scaled"]["h"]
+    tw, th = target
     if meta["bucket_id"] != bucket_id or (meta["target_w"], meta["target_h"]) != (tw, th):
         raise VerifyError(f"{shard}: {key}.json names bucket {meta['bucket_id']} {meta['target_w']}x{meta['target_h']}")
     if trusted and hashlib.sha256(parts["jpg"]).hexdigest() in trusted:
         return  # bytes already known to decode at this size
     try:
-        with Image.open(io.BytesIO(parts["jpg"])) as im:
-            fmt = im.format
-            im.load()
-            size = im.size
-    except Exception as exc:  # noqa: BLE001
+        size = jpeg_decodes(parts["jpg"])
+    except ValueError as exc:
         raise VerifyError(f"{shard}: {key}.jpg does not decode ({exc})") from None
-    if fmt != "JPEG":
-        raise VerifyError(f"{shard}: {key}.jpg is {fmt}, not JPEG")
     if mode == "reencode_jpeg" and size != (tw, th):
         raise VerifyError(f"{shard}: {key}.jpg is {size[0]}x{size[1]}, bucket target is {tw}x{th}")
 
@@ -96,45 +317,43 @@ def verify_export(
 ) -> VerifyReport:
     """Re-read every shard and check it against the manifest; raise VerifyError on the first fault.
 
+    The manifest's structure is validated before any shard is opened, and every listed shard must
+    be a regular file under <export_dir>/buckets/ once symlinks and `..` are resolved.
     `known` (a previous report's `verified`) skips shards whose size, mtime, inode and manifest
     sha256 are unchanged since they were last fully verified; `trusted_jpegs` (sha256 hex of JPEG
     bytes known to decode at their bucket's size) skips decoding those members. The CLI passes
     neither: it re-reads and decodes everything.
     """
-    known = known or {}
+    known = known if isinstance(known, dict) else {}
     verified: dict = {}
     reverified = 0
     root = Path(export_dir)
     mpath = root / MANIFEST_NAME
-    if not mpath.is_file():
-        raise VerifyError(f"{mpath}: manifest is missing")
-    try:
-        manifest = json.loads(mpath.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise VerifyError(f"{mpath}: not valid JSON ({exc})") from None
-    if manifest.get("format") != FORMAT:
-        raise VerifyError(f"{mpath}: format is {manifest.get('format')!r}, expected {FORMAT}")
-    mode = manifest.get("image_mode")
-    listed: set[Path] = set()
+    manifest = _read_manifest(mpath)
+    buckets_real = Path(os.path.realpath(root)) / "buckets"  # not resolved: a symlinked buckets/ is outside
+    listed: set[str] = set()
     n_shards = n_samples = 0
-    for bucket_id, bucket in sorted(manifest["buckets"].items()):
+    for bucket_id, bucket in sorted(manifest.buckets.items()):
         count = 0
-        for sh in bucket["shards"]:
-            rel = sh["path"]
-            path = root / rel
-            listed.add(path.resolve())
-            if not path.is_file():
-                raise VerifyError(f"{rel}: shard listed in the manifest is missing")
-            stat = _stat_key(path)
-            if known.get(rel) == stat + [sh["sha256"]] and stat[0] == sh["bytes"]:
+        target = (bucket.scaled.w, bucket.scaled.h)
+        for sh in bucket.shards:
+            rel = sh.path
+            path, real, st = _shard_file(root, buckets_real, rel)
+            if real in listed:
+                raise VerifyError(f"{rel}: listed twice in the manifest")
+            listed.add(real)
+            stat_key = [st.st_size, st.st_mtime_ns, st.st_ino]
+            if known.get(rel) == stat_key + [sh.sha256] and st.st_size == sh.bytes:
                 verified[rel] = known[rel]
-                count += sh["samples"]
+                count += sh.samples
                 n_shards += 1
                 continue
             reverified += 1
-            if path.stat().st_size != sh["bytes"]:
-                raise VerifyError(f"{rel}: {path.stat().st_size} bytes, manifest says {sh['bytes']}")
-            if file_sha256(path) != sh["sha256"]:
+            if st.st_size != sh.bytes:
+                raise VerifyError(f"{rel}: {st.st_size} bytes, manifest says {sh.bytes}")
+            with _open_regular(path, st, rel) as f:
+                digest = _sha256_of(f)
+            if digest != sh.sha256:
                 raise VerifyError(f"{rel}: sha256 differs from the manifest")
             samples = 0
             keys = set()
@@ -143,29 +362,35 @@ def verify_export(
                     if key in keys:
                         raise VerifyError(f"{rel}: sample key {key} appears twice")
                     keys.add(key)
-                    _check_sample(rel, key, parts, bucket_id, bucket, mode, trusted_jpegs)
+                    _check_sample(rel, key, parts, bucket_id, target, manifest.image_mode, trusted_jpegs)
                     samples += 1
             except VerifyError:
                 raise
             except Exception as exc:  # noqa: BLE001 - a malformed tar
                 raise VerifyError(f"{rel}: cannot read shard ({exc})") from None
-            if samples != sh["samples"]:
-                raise VerifyError(f"{rel}: {samples} samples, manifest says {sh['samples']}")
+            if samples != sh.samples:
+                raise VerifyError(f"{rel}: {samples} samples, manifest says {sh.samples}")
             count += samples
             n_shards += 1
-            verified[rel] = stat + [sh["sha256"]]
-        if count != bucket["count"]:
-            raise VerifyError(f"buckets/{bucket_id}: {count} samples, manifest says {bucket['count']}")
+            verified[rel] = stat_key + [sh.sha256]
+        if count != bucket.count:
+            raise VerifyError(f"buckets/{bucket_id}: {count} samples, manifest says {bucket.count}")
         n_samples += count
     buckets_dir = root / "buckets"
     if buckets_dir.is_dir():
-        for p in sorted(buckets_dir.rglob("*")):
-            if p.is_file() and p.resolve() not in listed:
-                raise VerifyError(f"{p.relative_to(root)}: file not listed in the manifest")
-    total = manifest.get("summary", {}).get("samples_exported")
+        # Anything but a directory (a file, a symlink, a FIFO) must be a listed shard; symlinked
+        # directories are not followed.
+        extra = []
+        for d, dirs, files in os.walk(buckets_dir):
+            extra += [os.path.join(d, n) for n in dirs if os.path.islink(os.path.join(d, n))]
+            extra += [os.path.join(d, n) for n in files]
+        for p in sorted(extra):
+            if os.path.islink(p) or os.path.realpath(p) not in listed:
+                raise VerifyError(f"{Path(p).relative_to(root)}: file not listed in the manifest")
+    total = manifest.summary.samples_exported
     if total is not None and total != n_samples:
         raise VerifyError(f"{mpath}: summary says {total} samples, shards hold {n_samples}")
-    return VerifyReport(len(manifest["buckets"]), n_shards, n_samples, reverified, verified)
+    return VerifyReport(len(manifest.buckets), n_shards, n_samples, reverified, verified)
 
 
 def build_manifest(
