@@ -118,6 +118,11 @@ def render_card(m: dict, pictures: bool = False) -> str:
         summary_lines += "\n- source members skipped (not samples): " + ", ".join(
             f"{_text(k)} {_text(_n(v))}" for k, v in tar_skips.items()
         )
+    file_skips = summary.get("source_files_skipped") or {}
+    if file_skips:
+        summary_lines += "\n- source files that could not be read (see the build log): " + ", ".join(
+            f"{_text(k)} {_text(_n(v))}" for k, v in file_skips.items()
+        )
     flags = summary.get("flags") or {}
     if flags:
         summary_lines += "\n- repaired or ignored values (records kept): " + ", ".join(

@@ -113,22 +113,6 @@ def grey_std(rgb: np.ndarray) -> float:
     return float((sample @ _LUMA).std())
 
 
-def jpeg_grey_std(data: bytes) -> float:
-    """Luma std of a JPEG from a DCT-scaled (1/8) greyscale decode. Every coefficient is still
-    entropy-decoded, so a truncated or corrupt file raises ImageError('decode_error')."""
-    try:
-        grey = simplejpeg.decode_jpeg(data, colorspace="GRAY", min_height=1, min_width=1, min_factor=8, strict=True)
-    except ValueError as exc:
-        raise ImageError("decode_error", str(exc)) from None
-    return float(grey.astype(np.float32).std())
-
-
-def jpeg_size(data: bytes) -> tuple[int, int]:
-    """(width, height) as stored, from the JPEG header."""
-    h, w = simplejpeg.decode_jpeg_header(data)[:2]
-    return w, h
-
-
 def _composite_on_white(img: Image.Image) -> Image.Image:
     rgba = img.convert("RGBA")
     white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -178,30 +162,91 @@ def apply_orientation(rgb: np.ndarray, orientation: int) -> np.ndarray:
     return np.ascontiguousarray(fn(rgb)) if fn else rgb
 
 
-def _has_icc(data: bytes) -> bool:
-    """An APP2 ICC_PROFILE segment before the scan, found by walking the marker segments (a
-    profile may sit after a large EXIF/XMP block). A header that cannot be walked counts as
-    having one, so the bytes take the Pillow path, which handles every case."""
+def _jpeg_segments(data: bytes):
+    """(marker, offset) of each marker segment of a JPEG header, up to the start of scan; a
+    header that cannot be walked ends with (None, offset)."""
     i, n = 2, len(data)
     while i + 4 <= n:
         if data[i] != 0xFF:
-            return True
+            yield None, i
+            return
         marker = data[i + 1]
         if marker == 0xFF:  # fill byte
             i += 1
             continue
-        if marker == 0xDA or marker == 0xD9:  # start of scan / end of image: no more headers
-            return False
+        if marker in (0xDA, 0xD9):  # start of scan / end of image: no more headers
+            return
         if 0xD0 <= marker <= 0xD7 or marker == 0x01:  # standalone markers
             i += 2
             continue
         length = (data[i + 2] << 8) | data[i + 3]
         if length < 2:
-            return True
-        if marker == 0xE2 and data[i + 4 : i + 16] == b"ICC_PROFILE\x00":
-            return True
+            yield None, i
+            return
+        yield marker, i
         i += 2 + length
-    return True
+    yield None, i
+
+
+def _has_icc(data: bytes) -> bool:
+    """An APP2 ICC_PROFILE segment before the scan, wherever it sits (a profile may follow a
+    large EXIF/XMP block). A header that cannot be walked counts as having one, so the bytes
+    take the Pillow path, which handles every case."""
+    for marker, i in _jpeg_segments(data):
+        if marker is None or (marker == 0xE2 and data[i + 4 : i + 16] == b"ICC_PROFILE\x00"):
+            return True
+    return False
+
+
+_ARITH_SOF = {0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+
+
+def _sof_marker(data: bytes) -> int | None:
+    """The start-of-frame marker of a JPEG header, for naming why a decode failed."""
+    for marker, _ in _jpeg_segments(data):
+        if marker is not None and 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            return marker
+    return None
+
+
+def jpeg_check(data: bytes) -> tuple[int, int, float]:
+    """(width, height, luma std) of JPEG bytes that Pillow decodes completely; ValueError with a
+    one-line reason otherwise. MPO (a JPEG with an MPF block, as cameras write) counts as JPEG.
+
+    Pillow is the decoder of the loaders that read an export (webdataset, HF datasets, ours),
+    so passthrough and `verify` decide decodability with it. The decode runs at 1/8 scale
+    (Image.draft): libjpeg still entropy-decodes every coefficient, so a truncated or corrupt
+    scan fails exactly as a full decode does (tested), but most of the IDCT and 63/64 of the
+    pixel memory are skipped. Pillow decodes an arithmetic-coded JPEG only while its scan fits
+    Pillow's 64 KiB read buffer (libjpeg's arithmetic decoder cannot suspend), where
+    libjpeg-turbo given the whole file (simplejpeg) succeeds: one decoder keeps the image
+    stage, verify and Pillow-based loaders in agreement.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(io.BytesIO(data), formats=FORMATS) as im:
+                fmt, (w, h) = im.format, im.size
+                if fmt in ("JPEG", "MPO"):
+                    im.draft("RGB", (max(1, w // 8), max(1, h // 8)))
+                    im.load()
+                    small = np.asarray(im.convert("L") if im.mode != "L" else im, dtype=np.float32)
+    except UnidentifiedImageError:
+        raise ValueError("Pillow cannot identify it as an image") from None
+    except Exception as exc:  # noqa: BLE001 - any decoder failure means "does not decode"
+        sof = _sof_marker(data)
+        what = f"arithmetic-coded JPEG (SOF{sof - 0xC0}): " if sof in _ARITH_SOF else ""
+        msg = f"{what}Pillow cannot decode it ({type(exc).__name__}: {exc})"
+        raise ValueError(" ".join(msg.split())) from None
+    if fmt not in ("JPEG", "MPO"):
+        raise ValueError(f"{fmt} image, not JPEG")
+    return w, h, float(small.std())
+
+
+def jpeg_decodes(data: bytes) -> tuple[int, int]:
+    """(width, height) as jpeg_check decides it."""
+    w, h, _ = jpeg_check(data)
+    return w, h
 
 
 def _decode_jpeg_fast(

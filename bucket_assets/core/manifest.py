@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import re
@@ -12,15 +11,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
 
-from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, Field, StrictInt, StrictStr, ValidationError
 
+from bucket_assets.core.imaging import jpeg_decodes
 from bucket_assets.core.shards import MEMBER_EXTS, SAMPLE_JSON_KEYS, read_shard
-
-# The spec's image.max_pixels bounds sources when they are rendered; verify must accept what that
-# stage accepted (core.imaging lifts Pillow's bomb limit the same way). Decoding at 1/8 scale keeps
-# memory bounded anyway.
-Image.MAX_IMAGE_PIXELS = None
 
 FORMAT = "bucketed_shards_v1"
 MANIFEST_NAME = "manifest.json"
@@ -231,54 +225,6 @@ def _sha256_of(f) -> str:
 
 
 # The JPEG SOF markers that mean arithmetic coding (SOF9-11, SOF13-15).
-_ARITH_SOF = {0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
-
-
-def _sof_marker(data: bytes) -> int | None:
-    """The start-of-frame marker of a JPEG header, for naming why a decode failed."""
-    i = 2
-    while i + 4 <= len(data) and data[i] == 0xFF:
-        m = data[i + 1]
-        if m == 0xFF:
-            i += 1
-            continue
-        if m == 0xDA:
-            return None
-        if 0xC0 <= m <= 0xCF and m not in (0xC4, 0xC8, 0xCC):
-            return m
-        i += 2 + int.from_bytes(data[i + 2 : i + 4], "big")
-    return None
-
-
-def jpeg_decodes(data: bytes) -> tuple[int, int]:
-    """(width, height) of JPEG bytes that Pillow decodes completely; ValueError with a one-line
-    reason otherwise. MPO (a JPEG with an MPF block, as cameras write) counts as JPEG.
-
-    The decode runs at 1/8 scale (Image.draft): libjpeg still entropy-decodes every coefficient,
-    so a truncated or corrupt scan fails exactly as a full decode does (tested), but most of the
-    IDCT and colour conversion and 63/64 of the pixel memory are skipped. Pillow decodes an
-    arithmetic-coded JPEG only while its scan does not cross Pillow's 64 KiB read buffer
-    (libjpeg's arithmetic decoder cannot suspend), where libjpeg-turbo given the whole file
-    (simplejpeg) succeeds: deciding decodability here keeps the image stage, verify and
-    Pillow-based loaders in agreement.
-    """
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            fmt, (w, h) = im.format, im.size
-            if fmt in ("JPEG", "MPO"):
-                im.draft("RGB", (max(1, w // 8), max(1, h // 8)))
-                im.load()
-    except UnidentifiedImageError:
-        raise ValueError("Pillow cannot identify it as an image") from None
-    except Exception as exc:  # noqa: BLE001 - any decoder failure means "does not decode"
-        sof = _sof_marker(data)
-        what = f"arithmetic-coded JPEG (SOF{sof - 0xC0}): " if sof in _ARITH_SOF else ""
-        raise ValueError(_one_line(f"{what}Pillow cannot decode it ({type(exc).__name__}: {exc})")) from None
-    if fmt not in ("JPEG", "MPO"):
-        raise ValueError(f"{fmt} image, not JPEG")
-    return w, h
-
-
 def _check_sample(
     shard: str, key: str, parts: dict[str, bytes], bucket_id: str, target: tuple[int, int], mode: str,
     trusted: frozenset,

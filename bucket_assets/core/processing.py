@@ -36,8 +36,7 @@ from bucket_assets.core.imaging import (
     encode_jpeg,
     grey_std,
     is_jpeg,
-    jpeg_grey_std,
-    jpeg_size,
+    jpeg_check,
     resize_cover,
     subsampling_for,
 )
@@ -332,14 +331,15 @@ def _render(task: RenderTask, clock) -> dict:
             return out
         jpg = data
         try:
-            std = jpeg_grey_std(data)  # passthrough still proves the bytes decode
-        except ImageError as exc:
-            out.update(status=exc.reason, error=exc.detail)
+            # Passthrough still proves the bytes decode, with the decoder verify and the
+            # loaders use (Pillow), so nothing is published that they would reject.
+            w, h, std = jpeg_check(data)
+        except ValueError as exc:
+            out.update(status="decode_error", error=str(exc))
             return out
         if p.blank_std is not None and std < p.blank_std:
             out.update(status="blank", error=f"luma std {std:.3f} < {p.blank_std}")
             return out
-        w, h = jpeg_size(data)  # the header already parsed in jpeg_grey_std
     else:
         try:
             min_size = (DCT_MARGIN * task.resized_w, DCT_MARGIN * task.resized_h) if p.dct_downscale else None

@@ -20,7 +20,7 @@ from bucket_assets.core.imaging import (
     encode_jpeg,
     grey_std,
     is_jpeg,
-    jpeg_grey_std,
+    jpeg_check,
     probe,
     apply_orientation,
     resize_cover,
@@ -274,10 +274,10 @@ def test_grey_std_separates_blank_from_content():
     speck[0, 0] = 0
     assert grey_std(speck) < 2.0
     blank_jpeg = _save(Image.fromarray(uniform), "JPEG", quality=95)
-    assert jpeg_grey_std(blank_jpeg) < 0.5
-    assert jpeg_grey_std(_save(Image.fromarray(_photo(192, 256)), "JPEG", quality=95)) > 20
-    with pytest.raises(ImageError, match="decode_error"):
-        jpeg_grey_std(blank_jpeg[: len(blank_jpeg) // 2])
+    assert jpeg_check(blank_jpeg) == (256, 192, pytest.approx(0, abs=0.5))
+    assert jpeg_check(_save(Image.fromarray(_photo(192, 256)), "JPEG", quality=95))[2] > 20
+    with pytest.raises(ValueError, match="Pillow cannot decode it"):
+        jpeg_check(blank_jpeg[: len(blank_jpeg) // 2])
 
 
 def test_probe_reads_the_header_only():

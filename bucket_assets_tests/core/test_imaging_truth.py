@@ -145,3 +145,22 @@ def test_render_refuses_pixels_that_do_not_fit_the_plan(tmp_path):
     assert bad["status"] == "size_mismatch" and "48x120" in bad["error"]
     # So is an orientation the raw index recorded but the pixels do not follow.
     assert render(task(120, 48, orientation=6))["status"] == "size_mismatch"
+
+
+def test_passthrough_decides_decodability_with_the_loaders_decoder(tmp_path):
+    """An arithmetic-coded JPEG whose scan crosses Pillow's read buffer: libjpeg-turbo (simplejpeg)
+    decodes it, Pillow (verify, webdataset, our loader) cannot. Passthrough must not publish it."""
+    import simplejpeg
+
+    from bucket_assets_tests.test_hostile_manifest import ARITH_JPEG, _arith_across_buffer
+
+    params = RenderParams("passthrough_jpeg", 95, "4:4:4", 0.85, 10**8, blank_std=None)
+    rows = {}
+    for name, data in (("small", ARITH_JPEG), ("across", _arith_across_buffer())):
+        src = tmp_path / f"{name}.jpg"
+        src.write_bytes(data)
+        rows[name] = render(RenderTask(name, "b", name, "", str(src), None, None, None, 1.0, 16, 8, 0, 0, 16, 8,
+                                       store_dir=str(tmp_path / "store"), params=params))
+        assert simplejpeg.decode_jpeg(data).shape[:2] == (8, 16)  # the other decoder would accept both
+    assert rows["small"]["status"] == "ok"
+    assert rows["across"]["status"] == "decode_error" and "arithmetic-coded" in rows["across"]["error"]
