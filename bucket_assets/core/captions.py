@@ -88,7 +88,6 @@ class LandingSource:
 
 MAX_CREATED_AT = 253402300799  # 9999-12-31T23:59:59Z; caption_sources stores int64 seconds
 _META_MAX_BYTES = 1 << 20  # a source's json is a few hundred bytes
-_SCAN_BATCH_ROWS = 16384
 _ID_TYPES = ("VARCHAR", "BIGINT", "INTEGER", "SMALLINT", "TINYINT", "UBIGINT", "UINTEGER", "USMALLINT", "UTINYINT", "HUGEINT")
 _NOT_REGULAR = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
                 (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
@@ -265,51 +264,34 @@ def read_landing_meta(name: str, parquet: Path, meta_path: Path) -> LandingSourc
     )
 
 
-class _LandingScan:
-    """Exactly one landing parquet as an Arrow stream DuckDB can scan again and again.
-
-    read_parquet($path) would expand glob characters in the name (`gem*`, `v[1]`, `a?`) and read
-    other files; this reads the named file only, opened by _open_regular, in file order, with
-    `file_row_number` counted as read_parquet counts it. DuckDB calls __arrow_c_stream__ per
-    scan (and while binding); the file is opened when a scan first pulls rows. Strings are
-    validated as UTF-8 here because DuckDB trusts Arrow strings (read_parquet checked them)."""
-
-    def __init__(self, src: LandingSource, columns: list[str], schema: pa.Schema):
-        self.src, self.columns, self.schema = src, columns, schema
-
-    def _batches(self):
-        import numpy as np
-        import pyarrow.parquet as pq
-
-        who, path = _who(self.src.name), self.src.parquet_path
-        with _open_regular(path, who) as f:
-            try:
-                pf = pq.ParquetFile(f)
-                if [pf.schema_arrow.field(c) for c in self.columns] != list(self.schema)[:-1]:
-                    raise CaptionSourceError(f"{who}: {_fname(path)} changed while it was read")
-                row = 0
-                for batch in pf.iter_batches(batch_size=_SCAN_BATCH_ROWS, columns=self.columns):
-                    arrays = [batch.column(c) for c in self.columns]
-                    for c, a in zip(self.columns, arrays):
-                        try:
-                            a.validate(full=True)
-                        except pa.ArrowInvalid as exc:
-                            what = "text that is not valid UTF-8" if "UTF8" in str(exc) else f"invalid data ({_why(exc)})"
-                            raise CaptionSourceError(f"{who}: column {c!r} holds {what} (in rows {row}..{row + len(a) - 1})") from None
-                    n = batch.num_rows
-                    yield pa.RecordBatch.from_arrays([*arrays, pa.array(np.arange(row, row + n, dtype=np.int64))], schema=self.schema)
-                    row += n
-            except CaptionSourceError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - pyarrow raises several types for a damaged file
-                raise CaptionSourceError(f"{who}: cannot read parquet {_fname(path)} ({_why(exc)})") from None
-
-    def __arrow_c_stream__(self, requested_schema=None):
-        return pa.RecordBatchReader.from_batches(self.schema, self._batches()).__arrow_c_stream__(requested_schema)
+_GLOB_CHARS = re.compile(r"[*?\[\]{}]")
+_SCAN_LINKS: dict[str, str] = {}
 
 
-def _landing_scan(con, src: LandingSource) -> str:
-    """Register the one file of `src` on `con` as a scan; returns the view name."""
+def scan_path(src: LandingSource) -> str:
+    """A path DuckDB's read_parquet reads as exactly this source's file: read_parquet expands
+    glob characters (`gem*`, `v[1]`, `a?`) and would read other files, so a name holding any
+    is reached through a symlink with a plain name in a private temp dir. Bind it as $path."""
+    path = src.parquet_path
+    if not _GLOB_CHARS.search(path):
+        return path
+    link = _SCAN_LINKS.get(path)
+    if link is None or not os.path.islink(link):
+        import atexit
+        import shutil
+        import tempfile
+
+        d = tempfile.mkdtemp(prefix="bucket_assets-landing-")
+        atexit.register(shutil.rmtree, d, True)
+        link = os.path.join(d, "source.parquet")
+        os.symlink(os.path.abspath(path), link)
+        _SCAN_LINKS[path] = link
+    return link
+
+
+def _landing_schema(src: LandingSource) -> pa.Schema:
+    """The parquet's schema, read through _open_regular (never a FIFO or device), with the
+    column checks DuckDB would not make (a duplicated name is silently renamed there)."""
     import pyarrow.parquet as pq
 
     who = _who(src.name)
@@ -324,11 +306,7 @@ def _landing_scan(con, src: LandingSource) -> str:
     for col in ("image_id", "caption", "status"):
         if schema.names.count(col) > 1:
             raise CaptionSourceError(f"{who}: {schema.names.count(col)} columns are named {col!r}")
-    columns = [c for c in ("image_id", "caption", "status") if c in schema.names]
-    scan_schema = pa.schema([schema.field(c) for c in columns] + [pa.field("file_row_number", pa.int64())])
-    view = "_landing_" + hashlib.sha256(os.fsencode(src.parquet_path)).hexdigest()[:16]
-    con.register(view, _LandingScan(src, columns, scan_schema))
-    return view
+    return schema
 
 
 def landing_query(con, src: LandingSource, sql: str, params: dict | None = None, fetch=lambda r: r.fetchall()):
@@ -342,7 +320,23 @@ def landing_query(con, src: LandingSource, sql: str, params: dict | None = None,
         text, own = str(exc), f"{_who(src.name)}: "
         if own in text:  # a CaptionSourceError raised inside the scan
             raise CaptionSourceError(own + _why(text[text.index(own) + len(own):])) from None
+        if "UTF8" in text:
+            raise CaptionSourceError(f"{own}a string column holds text that is not valid UTF-8 ({_why(exc)})") from None
         raise CaptionSourceError(f"{own}cannot read captions ({_why(exc)})") from None
+
+
+def _landing_table(con, src: LandingSource, columns: list[str]) -> str:
+    import pyarrow.parquet as pq
+
+    with _open_regular(src.parquet_path, _who(src.name)) as f:
+        try:
+            table = pq.read_table(f, columns=columns)
+        except Exception as exc:  # noqa: BLE001 - pyarrow raises several types for a damaged file
+            raise CaptionSourceError(f"{_who(src.name)}: cannot read parquet {_fname(src.parquet_path)} ({_why(exc)})") from None
+    table = table.append_column("file_row_number", pa.array(range(table.num_rows), pa.int64()))
+    view = "_landing_" + hashlib.sha256(os.fsencode(src.parquet_path)).hexdigest()[:16]
+    con.register(view, table)
+    return view
 
 
 def landing_captions_sql(con, src: LandingSource) -> str:
@@ -350,19 +344,26 @@ def landing_captions_sql(con, src: LandingSource) -> str:
     clean_caption (NULs removed, trimmed, capped at $max_chars, flagged). Parameters: $path,
     $max_chars. Raises CaptionSourceError for missing or mistyped columns and non-UTF-8 text.
 
-    The rows come from the file itself, registered on `con` (see _LandingScan), not from
-    read_parquet($path), which globs. Only a status of exactly 'ok' counts; a NULL status is
+    Bind $path to scan_path(src): read_parquet globs, so a name with glob characters is read
+    through a plain-named link to exactly its file. Only a status of exactly 'ok' counts; a NULL status is
     stored as 'no_status'; a source without a status column is all 'ok'."""
-    view = _landing_scan(con, src)
-    cols = dict((r[0], r[1]) for r in landing_query(con, src, f"DESCRIBE SELECT * FROM {view}"))
+    names = _landing_schema(src).names
+    wanted = ["image_id", "caption"] + (["status"] if "status" in names else [])
+    if "file_row_number" in names:
+        # DuckDB cannot add its row number beside a column of that name: this rare file is read
+        # with pyarrow (its three columns) and registered as a table, numbered in file order.
+        scan = f"(SELECT * FROM {_landing_table(con, src, wanted)} WHERE $path IS NOT NULL)"  # callers bind $path
+    else:
+        scan = f"(SELECT {', '.join(wanted)}, file_row_number FROM read_parquet($path, file_row_number = true))"
+    cols = dict((r[0], r[1]) for r in landing_query(con, src, f"DESCRIBE SELECT * FROM {scan}", {"path": scan_path(src)}))
     if cols["image_id"] not in _ID_TYPES:
         raise CaptionSourceError(f"{_who(src.name)}: column 'image_id' must be string or integer, got {cols['image_id']}")
     if cols["caption"] == "BLOB":
         bad = landing_query(
             con, src,
-            f"""SELECT image_id FROM {view}
+            f"""SELECT image_id FROM {scan}
                WHERE caption IS NOT NULL AND try(decode(caption)) IS NULL LIMIT 1""",
-            fetch=lambda r: r.fetchone(),
+            {"path": scan_path(src)}, fetch=lambda r: r.fetchone(),
         )
         if bad:
             raise CaptionSourceError(f"{_who(src.name)}: the caption of image_id {printable(str(bad[0]))} is not valid UTF-8")
@@ -373,7 +374,6 @@ def landing_captions_sql(con, src: LandingSource) -> str:
         raise CaptionSourceError(f"{_who(src.name)}: column 'caption' must be string, got {printable(cols['caption'])}")
     status = "coalesce(CAST(status AS VARCHAR), 'no_status')" if "status" in cols else "'ok'"
     ws = _WS.replace("'", "''")
-    # $path is selected (and dropped) only so this SQL keeps its parameters: callers bind it.
     return f"""
         SELECT image_id, rtrim(left(t, $max_chars), '{ws}') AS text, status, row_number,
                nullif(concat_ws(',', CASE WHEN has_nul THEN 'caption_nul_removed' END,
@@ -382,8 +382,8 @@ def landing_captions_sql(con, src: LandingSource) -> str:
             SELECT CAST(image_id AS VARCHAR) AS image_id,
                    trim(replace({raw}, chr(0), ''), '{ws}') AS t,
                    contains({raw}, chr(0)) AS has_nul,
-                   {status} AS status, file_row_number AS row_number, $path AS path
-            FROM {view} WHERE image_id IS NOT NULL
+                   {status} AS status, file_row_number AS row_number
+            FROM {scan} WHERE image_id IS NOT NULL
         )"""
 
 
@@ -393,7 +393,7 @@ def check_landing_captions(con, src: LandingSource, max_chars: int) -> int:
     # sum(length(text)) makes DuckDB decode every caption, so bad text fails here.
     return landing_query(
         con, src, f"SELECT count(*), sum(length(text)) FROM ({sql})",
-        {"path": src.parquet_path, "max_chars": max_chars}, fetch=lambda r: r.fetchone()[0],
+        {"path": scan_path(src), "max_chars": max_chars}, fetch=lambda r: r.fetchone()[0],
     )
 
 
@@ -406,7 +406,7 @@ def read_landing_captions(src: LandingSource, max_chars: int) -> pa.Table:
         sql = landing_captions_sql(con, src)
         return landing_query(
             con, src, f"SELECT image_id, text, status, flags FROM ({sql}) ORDER BY row_number",
-            {"path": src.parquet_path, "max_chars": max_chars}, fetch=lambda r: r.to_arrow_table(),
+            {"path": scan_path(src), "max_chars": max_chars}, fetch=lambda r: r.to_arrow_table(),
         )
     finally:
         con.close()
@@ -488,7 +488,7 @@ def build_caption_table(
     unknown = {}
     for src in landing:
         sql = landing_captions_sql(con, src)
-        params = {"path": src.parquet_path, "max_chars": max_chars}
+        params = {"path": scan_path(src), "max_chars": max_chars}
         # One caption per image per source: the first row for an id wins.
         con.execute(
             f"""INSERT INTO captions

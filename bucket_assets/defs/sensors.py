@@ -31,6 +31,7 @@ from bucket_assets.core.captions import (
     landing_fingerprint,
     landing_query,
     load_landing_source,
+    scan_path,
     printable,
 )
 from bucket_assets.core.db import table_exists
@@ -102,7 +103,7 @@ def _validate(dataset: DatasetResource, name: str, parquet: Path, meta: Path) ->
             con, src,
             f"""SELECT count(*) FILTER (WHERE image_id NOT IN (SELECT image_id FROM raw_index)), count(*)
                 FROM ({landing_captions_sql(con, src)})""",
-            {"path": src.parquet_path, "max_chars": cap},
+            {"path": scan_path(src), "max_chars": cap},
             fetch=lambda r: r.fetchone(),
         )
     return int(unknown), int(total)
