@@ -55,7 +55,20 @@ def ensure_dagster_home() -> Path:
     return p
 
 
+def _failed_checks(result) -> list[str]:
+    """'name: its own message' of every failed asset check of the run."""
+    out = []
+    for event in result.all_events:
+        if event.event_type_value == "ASSET_CHECK_EVALUATION":
+            data = event.event_specific_data
+            if not data.passed:
+                desc = (getattr(data, "description", None) or "").strip()
+                out.append(f"{data.check_name}: {desc.splitlines()[0]}" if desc else data.check_name)
+    return out
+
+
 def _first_error(result) -> str:
+    checks = _failed_checks(result)
     for event in result.all_events:
         if event.is_step_failure or event.event_type_value == "RUN_FAILURE":
             err = event.event_specific_data and getattr(event.event_specific_data, "error", None)
@@ -64,6 +77,9 @@ def _first_error(result) -> str:
                 while getattr(cause, "cause", None) is not None:
                     cause = cause.cause
                 message = re.sub(r"^(?:[A-Za-z_]\w*\.)+(\w+: )", r"\1", cause.message.strip().splitlines()[0])
+                if "blocking asset check" in message and checks:
+                    # Dagster's own line ends at "...failed with ERROR severity:"; say which and why.
+                    message = f"{message.rstrip(': ')}: {'; '.join(checks)}"
                 return f"{event.step_key or 'run'}: {message}"
             return event.message or "run failed"
     for event in result.all_events:
@@ -165,11 +181,7 @@ def _build(args: argparse.Namespace, spec, spec_path: str) -> int:
             run_config={"loggers": {"console": {"config": {"log_level": level}}}},
         )
         ok = result.success
-        failed_checks = [
-            e.event_specific_data.check_name
-            for e in result.all_events
-            if e.event_type_value == "ASSET_CHECK_EVALUATION" and not e.event_specific_data.passed
-        ]
+        failed_checks = _failed_checks(result)
         if not ok:
             return _fail(f"build failed: {_first_error(result)} (run {result.run_id}, DAGSTER_HOME={home})", 1)
         if failed_checks:

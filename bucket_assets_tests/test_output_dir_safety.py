@@ -95,3 +95,19 @@ def test_a_no_op_rebuild_writes_nothing_into_the_export(make_spec):
     with unwritable_dir(export):
         assert materialize_all(spec).success
     assert {p: p.stat().st_mtime_ns for p in export.rglob("*")} == before
+
+
+def test_a_foreign_file_in_a_bucket_dir_is_kept_and_the_failure_names_it(make_spec, tmp_path):
+    spec = make_spec("foreign")
+    env = {"DAGSTER_HOME": str(tmp_path / "home")}
+    assert run_cli("build", "--spec", str(spec), env=env).returncode == 0
+    export = Path(yaml.safe_load(spec.read_text())["output_dir"])
+    bucket = sorted((export / "buckets").iterdir())[0]
+    (bucket / "notes.txt").write_text("mine")
+    r = run_cli("build", "--spec", str(spec), env=env)
+    assert r.returncode == 1
+    line = r.stderr.strip().splitlines()[-1]  # progress lines come before it
+    assert line.startswith("bucket-assets: build failed: "), r.stderr
+    # The failure line carries the check's own message, not only "1 blocking asset check failed".
+    assert f"export_verifies: buckets/{bucket.name}/notes.txt: file not listed in the manifest" in line, line
+    assert (bucket / "notes.txt").read_text() == "mine"

@@ -97,3 +97,17 @@ def replace_partitions(
         con.execute(f'DELETE FROM "{name}" WHERE list_contains(?, bucket_id)', [bucket_ids])
         con.execute(f'INSERT INTO "{name}" BY NAME SELECT * FROM _incoming')
         con.unregister("_incoming")
+
+
+def drop_other_partitions(con: duckdb.DuckDBPyConnection, names: list[str], bucket_ids: list[str]) -> int:
+    """Delete, in one transaction, the rows of buckets the spec no longer has (its base
+    resolutions or divisible changed): their partitions will never run again, so their rows
+    would otherwise be counted and published forever. Returns the rows deleted."""
+    n = 0
+    with transaction(con, "drop_other_partitions"):
+        for name in names:
+            if table_exists(con, name):
+                n += con.execute(
+                    f'DELETE FROM "{name}" WHERE NOT list_contains($ids, bucket_id)', {"ids": list(bucket_ids)}
+                ).fetchone()[0]
+    return n

@@ -11,7 +11,7 @@ from bucket_assets.core.accounting import summary
 from bucket_assets.core.atomic import atomic_write_bytes, atomic_write_text, remove_stale_temps
 from bucket_assets.core.buckets import bucket_table
 from bucket_assets.core.card import render_card
-from bucket_assets.core.db import replace_partitions, table_exists
+from bucket_assets.core.db import drop_other_partitions, replace_partitions, table_exists
 from bucket_assets.core.manifest import MANIFEST_NAME, build_manifest, dumps, same_content
 from bucket_assets.core.pictures import CHART_NAME, SHEETS_DIR, bucket_chart_png, contact_sheet_png, first_samples, sheet_path
 from bucket_assets.core.progress import Progress
@@ -162,6 +162,10 @@ def export_manifest_asset(bucket_shards: dg.AssetsDefinition) -> dg.AssetsDefini
             for t in ("shard_files", "shard_samples", "processed_images"):
                 if not table_exists(con, t):
                     raise dg.Failure(f"{t} does not exist yet: materialize processed_images and bucket_shards first")
+            gone = drop_other_partitions(con, ["shard_files", "shard_samples", "processed_images"],
+                                         [b.id for b in bucket_table(spec.buckets.base_resolutions, spec.buckets.divisible)])
+            if gone:
+                context.log.info(f"dropped {gone} row(s) of buckets the spec no longer has")
             shard_rows = con.execute(
                 "SELECT bucket_id, path, samples, bytes, sha256 FROM shard_files ORDER BY bucket_id, shard_index"
             ).fetchall()
