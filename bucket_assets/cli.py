@@ -20,6 +20,8 @@ def _fail(msg: str, code: int = 2) -> int:
 DEFAULT_INSTANCE_YAML = """\
 telemetry:
   enabled: false
+nux:
+  enabled: false
 run_queue:
   max_concurrent_runs: 2
   tag_concurrency_limits:

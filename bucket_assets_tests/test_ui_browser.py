@@ -112,6 +112,7 @@ def test_asset_graph_and_a_partition_run_from_the_ui(make_spec, tmp_path):
         page.goto(f"{base}/assets/bucket_shards", wait_until="networkidle")
         dismiss_welcome()
         page.get_by_role("button", name="Materialize…").first.click()
+        dismiss_welcome()  # in case a dialog appeared late
         page.get_by_text("Select a partition or create one").first.click()
         page.keyboard.type(partition)
         page.get_by_text(partition, exact=True).filter(visible=True).last.click()
