@@ -21,7 +21,7 @@ from typing import Callable, Iterable, Iterator
 
 from bucket_assets.core.atomic import atomic_write_text, atomic_writer
 from bucket_assets.core.failpoints import failpoint
-from bucket_assets.core.shards import Sample, ShardFile, write_shard
+from bucket_assets.core.shards import Sample, ShardFile, sample_tar_bytes, shard_file_bytes, write_shard
 
 STAGING = ".staging"
 # The file that marks a directory as an export of ours: builds write only into an output_dir
@@ -101,13 +101,13 @@ def _staged(out_dir: Path, rel: str, sha256: str) -> Path:
 
 
 def stage_shard(out_dir: str | os.PathLike, rel: str,
-                samples: Iterable[Sample] | Callable[[], Iterable[Sample]]) -> ShardFile:
+                samples: Iterable[Sample] | Callable[[], Iterable[Sample]], size: int | None = None) -> ShardFile:
     """Write the shard published at `rel` (e.g. `buckets/<id>/shard-000000.tar`) to staging,
     unless the published file already holds exactly these bytes (then `rewritten` is False;
     with `samples` a callable nothing at all is written for an unchanged shard)."""
     out = Path(out_dir)
     target = staging_dir(out) / rel
-    shard = write_shard(target, samples, same_as=out / rel)
+    shard = write_shard(target, samples, same_as=out / rel, size=size)
     if target.parent.is_dir():
         for old in target.parent.glob(f"{target.name}.*"):
             old.unlink()  # an earlier staged version of this shard
@@ -122,11 +122,13 @@ def stage_planned_shard(plan: dict) -> dict:
     store. Returns a plain dict."""
     from bucket_assets.core.processing import StoreReader
 
+    size = shard_file_bytes(sum(sample_tar_bytes(int(s["jpg_bytes"]), len(s["txt"]), len(s["json"]))
+                                for s in plan["samples"]))
     with StoreReader() as store:
         shard = stage_shard(plan["out_dir"], plan["rel"], lambda: (
             Sample(s["key"], store.read(s["path"], s["pack_offset"], s["jpg_bytes"]), s["txt"], s["json"])
             for s in plan["samples"]
-        ))
+        ), size)
     return {"samples": shard.samples, "bytes": shard.bytes, "sha256": shard.sha256, "rewritten": shard.rewritten}
 
 

@@ -148,21 +148,28 @@ def _write_tar(sink, samples: Iterable[Sample]) -> int:
     return count
 
 
+def shard_file_bytes(member_bytes: int) -> int:
+    """Size of a shard file whose members take `member_bytes` (sample_tar_bytes summed):
+    tarfile ends it with two zero blocks and pads it to its 10240-byte record size."""
+    return -(-(member_bytes + 2 * tarfile.BLOCKSIZE) // tarfile.RECORDSIZE) * tarfile.RECORDSIZE
+
+
 def write_shard(path: str | os.PathLike, samples: Iterable[Sample] | Callable[[], Iterable[Sample]],
-                same_as: str | os.PathLike | None = None) -> ShardFile:
+                same_as: str | os.PathLike | None = None, size: int | None = None) -> ShardFile:
     """Write one USTAR shard atomically: fixed headers (mtime 0, uid/gid 0, mode 644).
 
     If the file at `same_as` (default: `path`) already holds the same bytes, nothing is written
     and `rewritten` is False: an unchanged file keeps its inode and mtime, so consumers that
     watch files see only real changes. When `samples` is a callable (so they can be read twice),
-    a published file of the planned size is compared by hash before anything is written: an
-    unchanged shard creates no temp file either (a no-op rebuild works on a read-only export).
+    a published file of the planned `size` (if given) is compared by hash before anything is
+    written: an unchanged shard creates no temp file either (a no-op rebuild works on a
+    read-only export), and a changed one of another size is built once, not twice.
     """
     path = Path(path)
     same = Path(same_as) if same_as is not None else path
     if callable(samples):
         make = samples
-        if same.is_file():
+        if same.is_file() and (size is None or same.stat().st_size == size):
             sink = _HashingWriter(None)
             count = _write_tar(sink, make())
             if same.stat().st_size == sink.n and file_sha256(same) == sink.h.hexdigest():
