@@ -11,6 +11,7 @@ import duckdb
 import pytest
 from PIL import Image
 
+from bucket_assets.core.buckets import bucket_table
 from bucket_assets.core.card import extract_snippets
 from bucket_assets.core.manifest import verify_export
 from bucket_assets.core.shards import SAMPLE_JSON_KEYS, read_shard
@@ -74,6 +75,24 @@ def test_sample_build_through_cli_reads_back_with_card_snippets(make_spec, tmp_p
         runs = instance.get_runs()
         assert len(runs) == 1 and runs[0].job_name == "build_export"
         assert instance.get_latest_materialization_event(dg.AssetKey("dataset_card")) is not None
+        # Each bucket partition carries its own numbers, not the run's totals; empty ones say so.
+        manifest = json.loads((export / "manifest.json").read_text())
+        ids = [b.id for b in bucket_table(spec.buckets.base_resolutions, spec.buckets.divisible)]
+        records = instance.fetch_materializations(
+            dg.AssetRecordsFilter(asset_key=dg.AssetKey("bucket_shards"), asset_partitions=ids), limit=1000
+        ).records
+        by_partition = {r.partition_key: r.asset_materialization.metadata for r in records}
+        assert set(by_partition) == set(ids)
+        counts = set()
+        for bucket_id, md in by_partition.items():
+            b = manifest["buckets"].get(bucket_id)
+            assert md["samples"].value == (b["count"] if b else 0), bucket_id
+            assert md["shards"].value == (len(b["shards"]) if b else 0), bucket_id
+            assert md["bytes"].value == (sum(s["bytes"] for s in b["shards"]) if b else 0), bucket_id
+            assert md["status"].value.startswith("empty") == (b is None), bucket_id
+            counts.add(md["samples"].value)
+        assert len(counts) > 2  # different buckets show different numbers
+        assert by_partition[ids[0]]["run_samples"].value == manifest["summary"]["samples_exported"]
 
     res = run_cli("verify", str(export))
     assert res.returncode == 0 and res.stdout.startswith("ok:"), res.stderr
@@ -155,7 +174,7 @@ def test_two_builds_are_byte_identical_and_rebuild_reuses_work(make_spec):
     result = materialize_all(a)
     assert result.success
     mats = {m.asset_key.path[-1]: m for m in result.get_asset_materialization_events()}
-    assert mats["processed_images"].materialization.metadata["rendered"].value == 0
+    assert mats["processed_images"].materialization.metadata["run_rendered"].value == 0
     assert {p: p.stat().st_mtime_ns for p in ea.rglob("shard-*.tar")} == mtimes
 
 

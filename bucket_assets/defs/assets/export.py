@@ -84,6 +84,21 @@ def write_bucket(out_dir: Path, bucket_id: str, rows: list[dict], max_samples: i
     return shard_rows, sample_rows, rewritten
 
 
+def bucket_partition_metadata(out_dir: Path, bucket_id: str, shard_rows: list[dict]) -> dict:
+    """What one bucket partition of `bucket_shards` holds, for its own page in the UI."""
+    samples = sum(r["samples"] for r in shard_rows)
+    if not shard_rows:
+        return {"samples": 0, "shards": 0, "bytes": 0, "status": "empty: no sample is assigned to this bucket"}
+    return {
+        "samples": samples,
+        "shards": len(shard_rows),
+        "bytes": sum(r["bytes"] for r in shard_rows),
+        "status": f"{samples:,} samples in {len(shard_rows)} shard(s)",
+        "files": dg.MetadataValue.md("\n".join(f"- `{out_dir / r['path']}`" for r in shard_rows)),
+        "preview": dg.MetadataValue.path(str(out_dir / sheet_path(bucket_id))),
+    }
+
+
 def bucket_shards_asset(partitions: dg.PartitionsDefinition, processed_images: dg.AssetsDefinition) -> dg.AssetsDefinition:
     @dg.asset(
         name="bucket_shards",
@@ -105,47 +120,50 @@ def bucket_shards_asset(partitions: dg.PartitionsDefinition, processed_images: d
         all_shards, all_samples, rewritten = [], [], 0
         keys = list(context.partition_keys)
         plan = Path(spec.work_dir) / "tmp" / f"sample-plan-{context.run.run_id}.parquet"
+        filled: list[str] = []
         with dataset.db() as con:
             # One query for every requested bucket, spilled to a file so the DB lock is not
             # held while shards are written.
             has_plan = table_exists(con, "processed_images")
             if has_plan:
                 write_sample_plan(con, keys, plan)
-        progress = Progress("bucket_shards: buckets written", len(keys), context.log.info)
+                filled = [r[0] for r in con.execute(
+                    "SELECT DISTINCT bucket_id FROM read_parquet(?) ORDER BY 1", [str(plan)]).fetchall()]
+        # Progress counts the buckets that hold samples; an empty one writes nothing.
+        progress = Progress("bucket_shards: buckets written", len(filled), context.log.info)
         engine = compute.engine(1)
+        per_bucket: dict[str, list[dict]] = {}
         try:
             for bucket_id in keys:
-                rows = read_sample_plan(plan, bucket_id) if has_plan else []
+                rows = read_sample_plan(plan, bucket_id) if bucket_id in filled else []
                 s_rows, smp_rows, n = write_bucket(out_dir, bucket_id, rows, spec.shards.max_samples, spec.shards.max_bytes,
                                                    engine)
                 all_shards += s_rows
                 all_samples += smp_rows
                 rewritten += n
-                progress.advance()
+                per_bucket[bucket_id] = s_rows
+                if rows:
+                    progress.advance()
         finally:
             plan.unlink(missing_ok=True)
         progress.close()
         with dataset.db() as con:
             replace_partitions(con, "shard_files", pa.Table.from_pylist(all_shards, schema=SHARD_FILES_SCHEMA), keys)
             replace_partitions(con, "shard_samples", pa.Table.from_pylist(all_samples, schema=SHARD_SAMPLES_SCHEMA), keys)
-        context.log.info(f"{len(all_shards)} shard(s), {len(all_samples)} samples; {rewritten} file(s) staged")
-        per_bucket: dict[str, list[dict]] = {}
-        for r in all_shards:
-            per_bucket.setdefault(r["bucket_id"], []).append(r)
-        table = ["| bucket | samples | bytes | shards | preview |", "| --- | ---: | ---: | --- | --- |"]
-        for bucket_id, rows in sorted(per_bucket.items()):
-            table.append(
-                f"| {bucket_id} | {sum(r['samples'] for r in rows):,} | {sum(r['bytes'] for r in rows):,} | "
-                + "<br>".join(f"`{out_dir / r['path']}`" for r in rows)
-                + f" | `{out_dir / sheet_path(bucket_id)}` |"
-            )
+        context.log.info(f"{len(all_shards)} shard(s), {len(all_samples)} samples in {len(filled)} of {len(keys)} "
+                         f"bucket(s); {rewritten} file(s) staged")
+        # Each partition's materialization carries its own numbers; what is run-wide says so.
+        for bucket_id in keys:
+            context.add_asset_metadata(bucket_partition_metadata(out_dir, bucket_id, per_bucket[bucket_id]),
+                                       partition_key=bucket_id)
         return dg.MaterializeResult(
             metadata={
-                "shards": len(all_shards),
-                "samples": len(all_samples),
-                "bytes": sum(r["bytes"] for r in all_shards),
-                "files_rewritten": rewritten,
-                "per_bucket": dg.MetadataValue.md("\n".join(table)),
+                "run_buckets": len(keys),
+                "run_buckets_with_samples": len(filled),
+                "run_shards": len(all_shards),
+                "run_samples": len(all_samples),
+                "run_bytes": sum(r["bytes"] for r in all_shards),
+                "run_files_rewritten": rewritten,
             }
         )
 

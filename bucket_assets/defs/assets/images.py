@@ -118,15 +118,33 @@ def processed_images_asset(partitions: dg.PartitionsDefinition) -> dg.AssetsDefi
         for b in buckets:
             journal_path(spec.processed_dir, b).unlink(missing_ok=True)
         _prune_store(spec.processed_dir, buckets, {r["path"] for r in rows if r["status"] == "ok"})
+        rendered = {tasks[i].bucket_id for i in todo}
+        per_bucket: dict[str, dict[str, int]] = {b: {} for b in buckets}
+        for r in rows:
+            st = per_bucket[r["bucket_id"]]
+            st[r["status"]] = st.get(r["status"], 0) + 1
+        n_rendered: dict[str, int] = {}
+        for i in todo:
+            n_rendered[tasks[i].bucket_id] = n_rendered.get(tasks[i].bucket_id, 0) + 1
+        # Each partition's materialization carries its own numbers; what is run-wide says so.
+        for b in buckets:
+            n = sum(per_bucket[b].values())
+            context.add_asset_metadata(
+                {"samples": n, "rendered": n_rendered.get(b, 0), "reused": n - n_rendered.get(b, 0),
+                 "statuses": md_counts(sorted(per_bucket[b].items())),
+                 "status": f"{n:,} samples" if n else "empty: no sample is assigned to this bucket"},
+                partition_key=b,
+            )
         statuses: dict[str, int] = {}
         for r in rows:
             statuses[r["status"]] = statuses.get(r["status"], 0) + 1
         return dg.MaterializeResult(
             metadata={
-                "samples": len(rows),
-                "rendered": len(todo),
-                "reused": len(tasks) - len(todo),
-                "statuses": md_counts(sorted(statuses.items())),
+                "run_samples": len(rows),
+                "run_rendered": len(todo),
+                "run_reused": len(tasks) - len(todo),
+                "run_buckets_rendered": len(rendered),
+                "run_statuses": md_counts(sorted(statuses.items())),
             }
         )
 
