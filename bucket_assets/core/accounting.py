@@ -86,3 +86,34 @@ def flag_counts(con: duckdb.DuckDBPyConnection) -> dict[str, int]:
 def check_balance(s: dict) -> bool:
     skips = sum(v for k, v in s.items() if k.startswith("skipped_") or k in SEED_NAMES.values())
     return s["images_seen"] == s["images_exported"] + skips
+
+
+def build_report(m: dict) -> list[str]:
+    """What a finished build says on the console, from the manifest it published: images seen
+    and exported, skips by reason, samples per caption source, rejected caption sources. The
+    manifest's `warnings` are printed by the caller, after these lines."""
+    s = m.get("summary") or {}
+    buckets = m.get("buckets") or {}
+    shards = sum(len(b.get("shards") or []) for b in buckets.values())
+    lines = [
+        f"images: {s.get('images_seen', 0):,} seen, {s.get('images_exported', 0):,} exported as "
+        f"{s.get('samples_exported', 0):,} samples in {shards:,} shard(s) of {len(buckets)} bucket(s)"
+    ]
+    names = {v: k for k, v in SEED_NAMES.items()}
+    skips = {
+        (k.removeprefix("skipped_") if k.startswith("skipped_") else names[k]): v
+        for k, v in s.items() if (k.startswith("skipped_") or k in names) and isinstance(v, int) and v
+    }
+    lines.append("skipped: " + (", ".join(f"{k} {v:,}" for k, v in sorted(skips.items())) or "none"))
+    for key, what in (("source_files_skipped", "source files unreadable"), ("tar_members_skipped", "tar members not samples")):
+        if s.get(key):
+            lines.append(f"{what}: " + ", ".join(f"{k} {v:,}" for k, v in s[key].items()))
+    used = s.get("caption_sources_used") or []
+    if used:
+        lines.append("captions: " + ", ".join(
+            f"{u['name']} ({u['variant']}) {u['samples']:,}" if u.get("name") is not None else f"empty {u['samples']:,}"
+            for u in used
+        ))
+    for r in m.get("caption_sources_rejected") or []:
+        lines.append(f"rejected: {r['reason']}")
+    return lines

@@ -6,6 +6,7 @@ a unit test on an in-memory database and a build over millions of rows.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import math
@@ -28,7 +29,16 @@ _WS = "".join(c for c in map(chr, range(0x3001)) if c.isspace())
 
 
 class CaptionSourceError(ValueError):
-    """A landing caption source that cannot be used; the message says why."""
+    """A landing caption source that cannot be used; the message says why. `variant`: the
+    variant its metadata names, when that much could be read."""
+
+    def __init__(self, message: str, variant: str | None = None):
+        super().__init__(message)
+        self.variant = variant
+
+
+class VariantNotSelected(CaptionSourceError):
+    """A good pair whose variant no selector names: the spec, not the files, decides it is unused."""
 
 
 def clean_caption(raw: bytes | str | None, max_chars: int) -> tuple[str | None, list[str]]:
@@ -419,11 +429,57 @@ def load_landing_source(
     (one line) says why it cannot be used, whatever the files hold. `con` is any DuckDB connection."""
     src = read_landing_meta(name, parquet, meta)
     if src.variant not in selectors:
-        raise CaptionSourceError(
+        near = difflib.get_close_matches(src.variant, list(selectors), n=1)
+        raise VariantNotSelected(
             f"{_who(name)}: variant {src.variant!r} is not in captions.selectors {list(selectors)}"
+            + (f" (a misspelled selector {near[0]!r}?)" if near else ""),
+            variant=src.variant,
         )
-    check_landing_captions(con, src, max_chars)
+    try:
+        check_landing_captions(con, src, max_chars)
+    except CaptionSourceError as exc:
+        exc.variant = src.variant
+        raise
     return src
+
+
+def rejected_sources(con) -> list[dict]:
+    """The landing sources the last caption_table run could not use: name, reason, variant."""
+    from bucket_assets.core.db import table_exists
+
+    if not table_exists(con, "rejected_caption_sources"):
+        return []
+    cols = {r[0] for r in con.execute("DESCRIBE rejected_caption_sources").fetchall()}
+    variant = "variant" if "variant" in cols else "NULL"
+    rows = con.execute(f"SELECT name, reason, {variant} FROM rejected_caption_sources ORDER BY name").fetchall()
+    return [{"name": n, "reason": r, "variant": v} for n, r, v in rows]
+
+
+def caption_warnings(con, selectors: list[str]) -> list[str]:
+    """What the caption stage should say out loud: selectors that match no source's variant,
+    and landing sources that were rejected (each with its reason)."""
+    variants = {r[0] for r in con.execute("SELECT DISTINCT variant FROM caption_sources").fetchall()}
+    rejected = rejected_sources(con)
+    return selector_warnings(selectors, variants, {r["variant"] for r in rejected if r["variant"]}) + [
+        f"rejected: {r['reason']}" for r in rejected
+    ]
+
+
+def selector_warnings(selectors: list[str], variants: set[str], rejected_variants: set[str] = frozenset()) -> list[str]:
+    """One line per selector that names no caption variant of any accepted source: it selects
+    nothing, and a misspelled one silently loses that source's captions. A warning, not an
+    error: a selector may name a variant whose captions have not landed yet."""
+    out = []
+    known = sorted(variants)
+    for i, v in enumerate(selectors):
+        if v in variants:
+            continue
+        near = difflib.get_close_matches(v, sorted(variants | set(rejected_variants)), n=1)
+        out.append(
+            f"captions.selectors[{i}] {v!r} matches no caption variant of any source"
+            f" (variants: {', '.join(known) or 'none'})" + (f"; did you mean {near[0]!r}?" if near else "")
+        )
+    return out
 
 
 def _pair_fingerprint(parquet_sha: str, meta_sha: str) -> str:

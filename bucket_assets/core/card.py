@@ -123,6 +123,13 @@ def render_card(m: dict, pictures: bool = False) -> str:
         summary_lines += "\n- source files that could not be read (see the build log): " + ", ".join(
             f"{_text(k)} {_text(_n(v))}" for k, v in file_skips.items()
         )
+    used = summary.get("caption_sources_used") or []
+    if used:
+        summary_lines += "\n- samples per caption source: " + ", ".join(
+            (f"{_text(u['name'])} ({_text(u['variant'])}) {_text(_n(u['samples']))}" if u.get("name") is not None
+             else f"no caption (empty text) {_text(_n(u['samples']))}")
+            for u in used
+        )
     flags = summary.get("flags") or {}
     if flags:
         summary_lines += "\n- repaired or ignored values (records kept): " + ", ".join(
@@ -133,6 +140,18 @@ def render_card(m: dict, pictures: bool = False) -> str:
         "(never below twice the resized size) before the resize"
         if pre.get("dct_downscale")
         else ""
+    )
+    warnings = m.get("warnings") or []
+    warning_block = (
+        "\n> **Warnings from the build that made this export:**\n"
+        + "\n".join(f"> - {_text(w)}" for w in warnings) + "\n\n"
+        if warnings else ""
+    )
+    rejected = m.get("caption_sources_rejected") or []
+    rejected_block = (
+        "\nCaption sources rejected (not used):\n"
+        + _table(["name", "reason"], [[r["name"], r["reason"]] for r in rejected]) + "\n"
+        if rejected else ""
     )
     title = f"{m['name']} bucketed {'/'.join(str(b) for b in m['base_resolutions'])}"
     mode_note = (
@@ -158,7 +177,7 @@ tags:
 # {_text(title)}
 
 This is a captioned bucketed-shards export of the {_code(m['name'])} dataset.
-Images were filtered and resized/cropped into SDXL-style aspect-ratio buckets at base resolution(s) {_code(m['base_resolutions'])}, without upsampling. The export contains {_code(_n(samples))} samples ({_text(_n(summary['images_exported']))} images) across {_code(_n(n_shards))} uncompressed WebDataset-style tar shards.
+{warning_block}Images were filtered and resized/cropped into SDXL-style aspect-ratio buckets at base resolution(s) {_code(m['base_resolutions'])}, without upsampling. The export contains {_code(_n(samples))} samples ({_text(_n(summary['images_exported']))} images) across {_code(_n(n_shards))} uncompressed WebDataset-style tar shards.
 
 Captions were selected per image from these sources in priority order:
 {model_list or '(no model-generated caption sources; captions come from the input sources)'}
@@ -230,7 +249,7 @@ Caption priority (waterfall) + planned usage:
 
 Available caption variants (top 30):
 {_table(['selected', 'variant', 'images_with_ok_caption'], var_rows)}
-
+{rejected_block}
 Missing caption policy: {_code(m['missing_caption_policy'])}
 
 ## Export summary

@@ -349,6 +349,8 @@ def build_manifest(
     variant_counts: dict[str, int],
     summary: dict,
     created: str,
+    rejected_caption_sources: list[dict] = (),
+    warnings: list[str] = (),
 ) -> dict:
     """The manifest dict; `buckets` are core.buckets.Bucket rows, only non-empty ones are listed."""
     img = spec.image
@@ -405,6 +407,9 @@ def build_manifest(
         "buckets": bucket_entries,
         "caption_sources": caption_sources,
         "caption_selectors": selectors,
+        # Landing sources that could not be used, and what the build says out loud.
+        "caption_sources_rejected": list(rejected_caption_sources),
+        "warnings": list(warnings),
         "caption_variants": dict(sorted(variant_counts.items(), key=lambda kv: (-kv[1], kv[0]))),
         "missing_caption_policy": spec.captions.missing,
         "summary": summary,

@@ -7,7 +7,9 @@ import dagster as dg
 
 from bucket_assets.core.accounting import check_balance, summary
 from bucket_assets.core.atomic import atomic_write_text
+from bucket_assets.core.captions import caption_warnings
 from bucket_assets.core.manifest import VerifyError, verify_export
+from bucket_assets.defs.assets.captions import selected_captions
 from bucket_assets.defs.resources import DatasetResource
 
 VERIFIED_CACHE = "verified_shards.json"
@@ -89,4 +91,18 @@ def build_checks(filtered_images, export_manifest) -> list:
             passed=not bad, metadata={"checked": checked, "mismatches": len(bad)}, description="; ".join(bad[:5]) or None
         )
 
-    return [export_verifies, one_decision_per_raw_record, summary_accounts_for_every_image, jpeg_sizes_match_targets]
+    @dg.asset_check(asset=selected_captions, name="every_selector_matches_a_source")
+    def every_selector_matches_a_source(dataset: DatasetResource) -> dg.AssetCheckResult:
+        """Every captions.selectors entry names the variant of some caption source, and no
+        landing source was rejected. A warning, not a failure: a selector may name captions
+        that have not landed yet (`bucket-assets build --strict` fails on it)."""
+        spec = dataset.load()
+        with dataset.db() as con:
+            warnings = caption_warnings(con, list(spec.captions.selectors))
+        return dg.AssetCheckResult(
+            passed=not warnings, severity=dg.AssetCheckSeverity.WARN,
+            description="; ".join(warnings) or None, metadata={"warnings": len(warnings)},
+        )
+
+    return [export_verifies, one_decision_per_raw_record, summary_accounts_for_every_image, jpeg_sizes_match_targets,
+            every_selector_matches_a_source]

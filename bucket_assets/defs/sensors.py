@@ -23,6 +23,7 @@ import duckdb
 
 from bucket_assets.core.captions import (
     CaptionSourceError,
+    VariantNotSelected,
     changed_buckets,
     check_landing_captions,
     discover_landing,
@@ -123,6 +124,7 @@ def caption_landing_sensor(context: dg.SensorEvaluationContext, dataset: Dataset
     cache: dict = json.loads(context.cursor) if context.cursor else {}
     registered = _registered(dataset)
     new_cache, changed, present = {}, [], set()
+    unselected = "unselected:" + hashlib.sha256(json.dumps(list(spec.captions.selectors)).encode()).hexdigest()[:16]
     try:
         pairs = discover_landing(landing_dir)
     except CaptionSourceError as exc:  # the directory itself: skip, rather than see every source removed
@@ -139,7 +141,10 @@ def caption_landing_sensor(context: dg.SensorEvaluationContext, dataset: Dataset
                 new_cache[name] = [stat_key, fp]
                 present.add(name)
                 continue
-            if cached and cached[1] == fp and cached[0] == stat_key and len(cached) > 2:
+            if cached and cached[:2] == [stat_key, fp] and len(cached) > 2 and cached[2] == unselected:
+                new_cache[name] = cached  # still a variant no selector names; said once
+                continue
+            if cached and cached[1] == fp and cached[0] == stat_key and len(cached) > 2 and cached[2] == "validated":
                 # Already validated and requested; the run has not registered it yet.
                 new_cache[name] = cached
                 present.add(name)
@@ -148,6 +153,12 @@ def caption_landing_sensor(context: dg.SensorEvaluationContext, dataset: Dataset
             unknown, total = _validate(dataset, name, parquet, meta)
             if total and unknown == total:
                 raise CaptionSourceError(f"caption source {printable(name)}: none of its {total} image ids is in the raw index")
+        except VariantNotSelected as exc:
+            # Not a bad file: a selector added (or a misspelled one fixed) makes it count. Left
+            # where it is; the next build lists it as rejected, with this reason.
+            context.log.warning(f"{exc}; left in {landing_dir}: name its variant in captions.selectors to use it")
+            new_cache[name] = [stat_key, fp, unselected]
+            continue
         except CaptionSourceError as exc:
             _reject(context, landing_dir, name, parquet, meta, str(exc))
             continue

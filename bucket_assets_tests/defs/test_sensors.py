@@ -9,6 +9,7 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import yaml
 
 import dagster as dg
 
@@ -140,7 +141,6 @@ def test_new_source_reshards_exactly_the_changed_bucket(built):
     [
         ("missing_column", "missing column 'caption'"),
         ("json_missing_field", "missing model"),
-        ("unknown_variant", "not in captions.selectors"),
         ("all_unknown_ids", "none of its 2 image ids"),
         ("not_utf8", "not valid UTF-8"),
     ],
@@ -158,9 +158,6 @@ def test_bad_source_is_rejected_and_moved_aside(built, case, expect):
     elif case == "json_missing_field":
         meta.pop("model")
         _land(landing, "bad", some, meta)
-    elif case == "unknown_variant":
-        meta["variant"] = "caption_unheard_of"
-        _land(landing, "bad", some, meta)
     elif case == "all_unknown_ids":
         _land(landing, "bad", ["nope-1", "nope-2"], meta)
     else:
@@ -174,6 +171,23 @@ def test_bad_source_is_rejected_and_moved_aside(built, case, expect):
     assert expect in (rejected / "bad.reason.txt").read_text()
     assert not (landing / "bad.parquet").exists()
     assert (export / "manifest.json").read_bytes() == manifest_before
+
+
+def test_a_source_whose_variant_no_selector_names_stays_in_place_until_the_spec_names_it(built):
+    """Not a bad file: a misspelled or missing selector is the spec's fault, so the pair is not
+    moved to rejected/; it counts once the spec names its variant."""
+    spec_path, instance, landing = built
+    some = next(iter(_bucket_images(spec_path).values()))[:2]
+    _land(landing, "later", some, {**META, "variant": "caption_unheard_of"})
+    result = caption_landing_sensor(_ctx(spec_path, instance))
+    assert not result.run_requests
+    assert (landing / "later.parquet").exists() and not (landing / "rejected").exists()
+    assert not caption_landing_sensor(_ctx(spec_path, instance, result.cursor)).run_requests
+    d = yaml.safe_load(spec_path.read_text())
+    d["captions"]["selectors"] = ["caption_unheard_of", *d["captions"]["selectors"]]
+    spec_path.write_text(yaml.safe_dump(d))
+    again = caption_landing_sensor(_ctx(spec_path, instance, result.cursor))
+    assert len(again.run_requests) == 1 and "later" in again.run_requests[0].tags[REASON_TAG]
 
 
 def test_unknown_ids_in_a_good_source_are_counted_not_fatal(built):

@@ -7,6 +7,7 @@ import pyarrow as pa
 from bucket_assets.core.captions import (
     CaptionSourceError,
     build_caption_table,
+    caption_warnings,
     discover_landing,
     load_landing_source,
     printable,
@@ -41,7 +42,7 @@ def caption_table(context: dg.AssetExecutionContext, dataset: DatasetResource) -
             try:
                 landing.append(load_landing_source(con, name, parquet, meta, spec.captions.selectors, spec.captions.max_chars))
             except CaptionSourceError as exc:
-                rejected.append((printable(name), str(exc)))  # the name may not be valid UTF-8
+                rejected.append((printable(name), str(exc), exc.variant))  # the name may not be valid UTF-8
                 context.log.error(f"rejected caption source: {exc}")
         inputs = [(s.name, s.kind, s.caption_variant) for s in spec.sources]
         with transaction(con, "captions"):
@@ -49,8 +50,9 @@ def caption_table(context: dg.AssetExecutionContext, dataset: DatasetResource) -
             replace_table(
                 con,
                 "rejected_caption_sources",
-                pa.table({"name": [n for n, _ in rejected], "reason": [r for _, r in rejected]},
-                         schema=pa.schema([("name", pa.string()), ("reason", pa.string())])),
+                pa.table({"name": [r[0] for r in rejected], "reason": [r[1] for r in rejected],
+                          "variant": [r[2] for r in rejected]},
+                         schema=pa.schema([("name", pa.string()), ("reason", pa.string()), ("variant", pa.string())])),
             )
         per_variant = con.execute(
             "SELECT variant, count(*) FROM captions WHERE status = 'ok' GROUP BY variant ORDER BY variant"
@@ -68,13 +70,13 @@ def caption_table(context: dg.AssetExecutionContext, dataset: DatasetResource) -
             ),
             "ok_captions_by_variant": md_counts(per_variant),
             "unknown_image_ids": unknown,
-            "rejected_sources": dict(rejected),
+            "rejected_sources": {r[0]: r[1] for r in rejected},
         }
     )
 
 
 @dg.asset(group_name="captions", deps=[caption_table, bucket_assignments], kinds={"duckdb"})
-def selected_captions(dataset: DatasetResource) -> dg.MaterializeResult:
+def selected_captions(context: dg.AssetExecutionContext, dataset: DatasetResource) -> dg.MaterializeResult:
     """One caption per bucketed image by the waterfall: first selector with an ok, non-empty
     caption; newest source within a selector; `missing` decides empty caption or drop."""
     spec = dataset.load()
@@ -85,6 +87,10 @@ def selected_captions(dataset: DatasetResource) -> dg.MaterializeResult:
             """SELECT coalesce(caption_variant, '(' || status || ')'), count(*) FROM selected_captions
                GROUP BY ALL ORDER BY count(*) DESC"""
         ).fetchall()
+        warnings = caption_warnings(con, list(spec.captions.selectors))
+    for w in warnings:
+        context.log.warning(w)
     return dg.MaterializeResult(
-        metadata={"dagster/row_count": sum(n for _, n in by_selector), "by_variant": md_counts(by_selector)}
+        metadata={"dagster/row_count": sum(n for _, n in by_selector), "by_variant": md_counts(by_selector),
+                  "warnings": dg.MetadataValue.md("\n".join(f"- {w}" for w in warnings) or "none")}
     )

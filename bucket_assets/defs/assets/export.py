@@ -10,6 +10,7 @@ import pyarrow as pa
 from bucket_assets.core.accounting import summary
 from bucket_assets.core.atomic import atomic_write_bytes, atomic_write_text, remove_stale_temps
 from bucket_assets.core.buckets import bucket_table
+from bucket_assets.core.captions import caption_warnings, rejected_sources
 from bucket_assets.core.card import render_card
 from bucket_assets.core.db import drop_other_partitions, replace_partitions, table_exists
 from bucket_assets.core.manifest import MANIFEST_NAME, build_manifest, dumps, same_content
@@ -203,6 +204,18 @@ def export_manifest_asset(bucket_shards: dg.AssetsDefinition) -> dg.AssetsDefini
             scan_skips = dict(con.execute("SELECT reason, count FROM scan_skips WHERE scope = 'member'").fetchall())
             file_skips = dict(con.execute("SELECT reason, count FROM scan_skips WHERE scope = 'file'").fetchall())
             summ = summary(con, scan_skips, file_skips)
+            summ["caption_sources_used"] = [
+                {"caption_source_id": sid, "name": name, "variant": variant, "samples": int(n)}
+                for sid, name, variant, n in con.execute(
+                    """SELECT s.caption_source_id, c.name, c.variant, count(*) FROM shard_samples s
+                       LEFT JOIN caption_sources c ON c.source_id = s.caption_source_id
+                       GROUP BY ALL ORDER BY s.caption_source_id NULLS LAST"""
+                ).fetchall()
+            ]
+            warnings = caption_warnings(con, list(spec.captions.selectors))
+            rejected = [{"name": r["name"], "reason": r["reason"]} for r in rejected_sources(con)]
+        for w in warnings:
+            context.log.warning(w)
         by_bucket: dict[str, list[dict]] = {}
         for bucket_id, path, samples, nbytes, sha in shard_rows:
             by_bucket.setdefault(bucket_id, []).append({"path": path, "samples": samples, "bytes": nbytes, "sha256": sha})
@@ -217,6 +230,8 @@ def export_manifest_asset(bucket_shards: dg.AssetsDefinition) -> dg.AssetsDefini
             variant_counts=variants,
             summary=summ,
             created=datetime.now(timezone.utc).isoformat(),
+            rejected_caption_sources=rejected,
+            warnings=warnings,
         )
         path = own_output_dir(spec.output_dir) / MANIFEST_NAME
         remove_stale_temps(path.parent, recursive=False)  # a killed run's manifest or card temp
