@@ -19,6 +19,13 @@ step counts per rank should use `drop_last` or pad). Within a consumer, the next
 from a bucket drawn with probability proportional to its remaining samples (the counts come
 from the manifest), so batches of each bucket are spread over the epoch in proportion to the
 bucket's size. Samples within a shard are shuffled in a buffer of `shuffle_buffer` samples.
+
+Passthrough exports (`image_mode: passthrough_jpeg`) store each source JPEG unchanged, so with
+`decode=True` every image is decoded, turned by its EXIF orientation, cover-resized and cropped
+to its bucket's target here, by the exporter's own functions (core.imaging decode_rgb /
+resize_cover / crop, core.buckets.plan_cover with the manifest's crop settings and the sample's
+src_w/src_h/image_id): the same pixels a reencode export of the spec holds before its JPEG
+encode. `decode=False` returns the stored bytes as they are.
 """
 
 from __future__ import annotations
@@ -32,6 +39,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
+
+from bucket_assets.core.buckets import Bucket, plan_cover
 from bucket_assets.core.manifest import MANIFEST_NAME
 from bucket_assets.core.shards import file_sha256, read_shard
 
@@ -55,10 +65,14 @@ class ShardRef:
     height: int
 
 
-def read_index(export_dir: str | os.PathLike) -> list[ShardRef]:
+def _read_manifest(export_dir: str | os.PathLike) -> dict:
+    return json.loads((Path(export_dir) / MANIFEST_NAME).read_text(encoding="utf-8"))
+
+
+def read_index(export_dir: str | os.PathLike, manifest: dict | None = None) -> list[ShardRef]:
     """Every shard of the export, in manifest order."""
     root = Path(export_dir)
-    manifest = json.loads((root / MANIFEST_NAME).read_text(encoding="utf-8"))
+    manifest = _read_manifest(root) if manifest is None else manifest
     out = []
     for bucket_id, b in manifest["buckets"].items():
         for sh in b["shards"]:
@@ -79,7 +93,6 @@ def _seed(*parts) -> int:
 
 
 def _decode(jpg: bytes):
-    import numpy as np
     import torch
 
     try:
@@ -93,9 +106,65 @@ def _decode(jpg: bytes):
     return torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1)
 
 
+# The loader does not filter: an image in the export decodes whatever its pixel count.
+_NO_PIXEL_LIMIT = 1 << 62
+
+
+@dataclass(frozen=True)
+class LoadTimeCover:
+    """A passthrough export's reencode path, run at load time: the manifest's crop settings and
+    DCT mode, and its buckets (as core.buckets.Bucket) by id."""
+
+    buckets: dict[str, Bucket]
+    strategy: str
+    allowed_corners: tuple[int, ...]
+    jitter: int
+    dct_downscale: bool
+
+    @classmethod
+    def from_manifest(cls, manifest: dict) -> "LoadTimeCover":
+        pre = manifest.get("preprocessing") or {}
+        buckets = {
+            bucket_id: Bucket(bucket_id, int(b["proto"]["w"]), int(b["proto"]["h"]), int(b["base_resolution"]),
+                              int(b["scaled"]["w"]), int(b["scaled"]["h"]))
+            for bucket_id, b in manifest["buckets"].items()
+        }
+        corners = tuple(int(c) for c in pre.get("allowed_corners", (2, 3)))
+        return cls(buckets, pre.get("crop_strategy", "corner"), corners, int(pre.get("corner_jitter", 0)),
+                   bool(pre.get("dct_downscale", False)))
+
+    def render(self, jpg: bytes, meta: dict, bucket_id: str):
+        """uint8 tensor [3, target_h, target_w]: decode (EXIF orientation applied), cover-resize
+        (torch bicubic antialias, never upsampling) and crop exactly as processing.render does."""
+        import torch
+
+        from bucket_assets.core.imaging import crop, decode_rgb, resize_cover
+        from bucket_assets.core.processing import DCT_MARGIN
+
+        bucket = self.buckets[bucket_id]
+        src_w, src_h, image_id = int(meta["src_w"]), int(meta["src_h"]), str(meta["image_id"])
+        plan = plan_cover(src_w, src_h, bucket, image_id, self.strategy, self.allowed_corners, self.jitter)
+        if plan is None:
+            raise ValueError(f"{image_id}: {src_w}x{src_h} would need upsampling to fill {bucket_id} "
+                             f"({bucket.w}x{bucket.h})")
+        min_size = (DCT_MARGIN * plan.resized_w, DCT_MARGIN * plan.resized_h) if self.dct_downscale else None
+        rgb = decode_rgb(jpg, _NO_PIXEL_LIMIT, None, min_size)
+        h, w = rgb.shape[:2]
+        factors = (1, 2, 4, 8) if self.dct_downscale else (1,)
+        if not any((w, h) == (-(-src_w // f), -(-src_h // f)) for f in factors):
+            raise ValueError(f"{image_id}: decoded {w}x{h}, but the sample was planned for {src_w}x{src_h}")
+        rgb = resize_cover(rgb, plan.resized_w, plan.resized_h)
+        rgb = crop(rgb, plan.crop_left, plan.crop_top, plan.target_w, plan.target_h)
+        return torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)
+
+
 class BucketBatches(IterableDataset):
     """Yields dicts: `bucket_id`, `key` (list), `caption` (list), `meta` (list of dicts) and
     `jpg` (list of bytes) or, with `decode=True`, `image` (uint8 tensor [B, 3, H, W]).
+
+    On a passthrough export `jpg` holds the source files' bytes (any size, EXIF orientation not
+    applied); `decode=True` resizes and crops each to its bucket's target at load time, the way
+    the reencode path would have (module docstring).
 
     rank / world_size default to torch.distributed's when it is initialized, else 0 / 1.
     `verify=True` checks each shard's sha256 against the manifest before reading it.
@@ -107,7 +176,11 @@ class BucketBatches(IterableDataset):
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
         self.export_dir = str(export_dir)
-        self.shards = read_index(export_dir)
+        manifest = _read_manifest(export_dir)
+        self.shards = read_index(export_dir, manifest)
+        self.image_mode = manifest.get("image_mode", "reencode_jpeg")
+        # Passthrough bytes are the source files: decode=True renders them to the bucket target.
+        self._cover = LoadTimeCover.from_manifest(manifest) if self.image_mode == "passthrough_jpeg" else None
         self.batch_size = batch_size
         self.seed = seed
         self.decode = decode
@@ -173,7 +246,11 @@ class BucketBatches(IterableDataset):
         if self.decode:
             import torch
 
-            out["image"] = torch.stack([_decode(p["jpg"]) for _, p in batch])
+            if self._cover is not None:
+                images = [self._cover.render(p["jpg"], m, bucket_id) for (_, p), m in zip(batch, out["meta"])]
+            else:
+                images = [_decode(p["jpg"]) for _, p in batch]
+            out["image"] = torch.stack(images)
         else:
             out["jpg"] = [p["jpg"] for _, p in batch]
         return out
