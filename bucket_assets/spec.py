@@ -1,8 +1,9 @@
 """The dataset spec: the YAML contract a user writes, as pydantic models.
 
-`load_spec` parses and validates the shape (unknown keys, wrong types) and resolves
-relative paths against the current working directory. `check_paths` verifies that the
-inputs exist; it runs before any work in `bucket-assets build` and in the first asset.
+`load_spec` parses and validates the shape (unknown keys, wrong types) and makes every path
+absolute: a relative one is relative to the directory holding the spec file (as in docker
+compose), not to the directory the command runs in; `~` is expanded. `check_paths` verifies that
+the inputs exist; it runs before any work in `bucket-assets build` and in the first asset.
 """
 
 from __future__ import annotations
@@ -330,8 +331,9 @@ def _loc(loc: tuple) -> str:
     return out or "<root>"
 
 
-def parse_spec(data: object, base_dir: Path | None = None) -> Spec:
-    """Validate a spec mapping; relative paths resolve against base_dir (default: cwd)."""
+def parse_spec(data: object, base_dir: str | os.PathLike | None = None) -> Spec:
+    """Validate a spec mapping; relative paths resolve against base_dir (`load_spec` passes the
+    spec file's directory; default: cwd, for a mapping that has no file)."""
     if not isinstance(data, dict):
         raise SpecError("spec error: the spec must be a YAML mapping")
     try:
@@ -344,18 +346,33 @@ def parse_spec(data: object, base_dir: Path | None = None) -> Spec:
         elif err["type"] == "missing":
             msg = "required key is missing"
         raise SpecError(f"spec error at {_loc(err['loc'])}: {msg}") from None
-    return _resolve(spec, base_dir or Path.cwd())
+    return _resolve(spec, Path(base_dir if base_dir is not None else Path.cwd()).resolve())
 
 
-def _abs(base: Path, p: str) -> str:
-    return str((base / os.path.expanduser(p)).resolve()) if not os.path.isabs(p) else os.path.normpath(p)
+def _abs(base: Path, p: str, *, pattern: bool = False) -> str:
+    """`p` as an absolute path: `~` expanded, a relative path joined to `base`, then normalized
+    lexically (as an absolute path written in the spec always was; links below `base` are not
+    followed, so a relative path and its absolute spelling name the same thing). For a glob
+    (`pattern`), the parts we add (base dir, home dir) are escaped so their `[`, `*`, `?` stay
+    literal."""
+    quote = glob.escape if pattern else (lambda x: x)
+    if p.startswith("~"):
+        head, sep, rest = p.partition("/")
+        home = os.path.expanduser(head)
+        if home != head:  # an unknown ~user stays as written, like os.path.expanduser
+            p = quote(home) + sep + rest
+    if not os.path.isabs(p):
+        p = os.path.join(quote(str(base)), p)
+    return os.path.normpath(p)
 
 
 def _resolve(spec: Spec, base: Path) -> Spec:
     sources = []
     for s in spec.sources:
         if isinstance(s, WebDatasetSource):
-            sources.append(s.model_copy(update={"paths": [_abs(base, p) for p in s.paths]}))
+            sources.append(s.model_copy(update={"paths": [_abs(base, p, pattern=True) for p in s.paths]}))
+        elif isinstance(s, UrlSource):
+            sources.append(s.model_copy(update={"path": _abs(base, s.path, pattern=True)}))
         elif isinstance(s, ParquetSource):
             sources.append(s.model_copy(update={"path": _abs(base, s.path), "image_dir": _abs(base, s.image_dir)}))
         else:
@@ -372,20 +389,24 @@ def _resolve(spec: Spec, base: Path) -> Spec:
 
 
 def load_spec(path: str | os.PathLike | None = None) -> Spec:
-    """Load the spec from `path`, else $BUCKET_ASSETS_SPEC, else data/spec.yaml."""
-    path = Path(path or os.environ.get(SPEC_ENV_VAR) or DEFAULT_SPEC_PATH)
+    """Load the spec from `path`, else $BUCKET_ASSETS_SPEC, else data/spec.yaml (these three are
+    relative to cwd); the spec's own relative paths are relative to the file's directory."""
+    given = os.fspath(path or os.environ.get(SPEC_ENV_VAR) or DEFAULT_SPEC_PATH)
+    path = Path(resolve_spec_path(given))
+    shown = str(path) if str(path) == given else f"{path} (given as {given})"
     if not path.is_file():
-        raise SpecError(f"spec error: spec file {path} does not exist")
+        raise SpecError(f"spec error: spec file {shown} does not exist")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError as exc:
-        raise SpecError(f"spec error: {path} is not UTF-8 text (byte {exc.start})") from None
+        raise SpecError(f"spec error: {shown} is not UTF-8 text (byte {exc.start})") from None
     except yaml.YAMLError as exc:
-        raise SpecError(f"spec error: {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
-    return parse_spec(data)
+        raise SpecError(f"spec error: {shown} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    return parse_spec(data, path.parent)
 
 
 def resolve_spec_path(path: str | os.PathLike | None = None) -> str:
+    """The spec file's absolute path (links followed): relative to cwd, like any command-line path."""
     return str(Path(path or os.environ.get(SPEC_ENV_VAR) or DEFAULT_SPEC_PATH).resolve())
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import os
+import re
 from pathlib import Path
 
 import pytest
@@ -565,3 +567,223 @@ def test_check_paths_literal_dirs_with_glob_characters(tmp_path):
         check_paths(parse_spec(data, tmp_path))
     data["output_dir"] = "imgs1/export"
     check_paths(parse_spec(data, tmp_path))
+
+
+# paths relative to the spec file ---------------------------------------------------------------------
+
+
+def _relative_spec() -> dict:
+    """Every path field of the spec, relative."""
+    return {
+        "name": "rel", "output_dir": "out/export", "work_dir": "./out/work",
+        "sources": [
+            {"name": "wds", "kind": "webdataset", "paths": ["raw/shards/*.tar", "raw/extra/one.tar"]},
+            {"name": "pq", "kind": "parquet", "path": "raw/pcb/meta.parquet", "image_dir": "raw/pcb/train"},
+            {"name": "dir", "kind": "folder", "path": "raw/folder"},
+            {"name": "web", "kind": "urls", "path": "raw/meta/*.parquet"},
+        ],
+        "captions": {"landing_dir": "../landing"},
+    }
+
+
+def _inputs(root: Path) -> None:
+    _touch(root / "raw" / "shards" / "a.tar")
+    _touch(root / "raw" / "shards" / "b.tar")
+    _touch(root / "raw" / "extra" / "one.tar")
+    _touch(root / "raw" / "pcb" / "meta.parquet")
+    (root / "raw" / "pcb" / "train").mkdir()
+    (root / "raw" / "folder").mkdir()
+    _touch(root / "raw" / "meta" / "part-0.parquet")
+
+
+def _write_spec(path: Path, data: dict) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(data), encoding="utf-8")
+    return path
+
+
+def _path_fields(spec) -> dict:
+    wds, pq, folder, web = spec.sources
+    return {"output_dir": spec.output_dir, "work_dir": spec.work_dir, "wds": wds.paths, "pq": pq.path,
+            "pq.image_dir": pq.image_dir, "folder": folder.path, "web": web.path,
+            "landing_dir": spec.captions.landing_dir}
+
+
+def test_relative_paths_are_relative_to_the_spec_file_from_any_cwd(tmp_path, monkeypatch):
+    root = (tmp_path / "project" / "data").resolve()
+    _inputs(root)
+    spec_path = _write_spec(root / "spec.yaml", _relative_spec())
+    (tmp_path / "elsewhere").mkdir()
+    loaded = []
+    for cwd, given in ((tmp_path / "elsewhere", spec_path), (root, "spec.yaml"), (tmp_path, "project/data/spec.yaml"),
+                       (Path("/"), spec_path)):
+        monkeypatch.chdir(cwd)
+        spec = load_spec(given)
+        check_paths(spec)  # every input found, wherever the command runs
+        loaded.append(spec)
+    assert all(s == loaded[0] for s in loaded)
+    assert _path_fields(loaded[0]) == {
+        "output_dir": str(root / "out" / "export"), "work_dir": str(root / "out" / "work"),
+        "wds": [str(root / "raw" / "shards" / "*.tar"), str(root / "raw" / "extra" / "one.tar")],
+        "pq": str(root / "raw" / "pcb" / "meta.parquet"), "pq.image_dir": str(root / "raw" / "pcb" / "train"),
+        "folder": str(root / "raw" / "folder"), "web": str(root / "raw" / "meta" / "*.parquet"),
+        "landing_dir": str(root.parent / "landing"),
+    }
+    # The env var names the spec relative to cwd; the spec's paths stay relative to the file.
+    monkeypatch.chdir(tmp_path / "project")
+    monkeypatch.setenv(SPEC_ENV_VAR, "data/spec.yaml")
+    assert load_spec() == loaded[0]
+
+
+def test_a_relative_glob_matches_under_the_spec_dir(tmp_path, monkeypatch):
+    import glob
+
+    root = tmp_path / "specdir"
+    _touch(root / "shards" / "2024" / "a.tar")
+    _touch(root / "shards" / "2025" / "b.tar")
+    _touch(tmp_path / "cwd" / "shards" / "2024" / "decoy.tar")  # what a cwd-relative glob would find
+    data = _wds(tmp_path, "shards/*/*.tar")
+    data["sources"].append({"name": "web", "kind": "urls", "path": "shards/2024/*.tar"})
+    spec_path = _write_spec(root / "spec.yaml", data)
+    monkeypatch.chdir(tmp_path / "cwd")
+    spec = load_spec(spec_path)
+    check_paths(spec)
+    (pattern,) = spec.sources[0].paths
+    assert os.path.isabs(pattern)
+    assert sorted(glob.glob(pattern)) == [str(root.resolve() / "shards" / y / f) for y, f in (("2024", "a.tar"), ("2025", "b.tar"))]
+    assert glob.glob(spec.sources[1].path) == [str(root.resolve() / "shards" / "2024" / "a.tar")]
+
+
+def test_a_spec_dir_with_glob_characters_stays_literal(tmp_path, monkeypatch):
+    """The spec dir is joined to a relative glob escaped: `[1]` in its name is not a class."""
+    import glob
+
+    root = tmp_path / "run[1]"
+    _touch(root / "shards" / "a.tar")
+    (tmp_path / "run1" / "shards").mkdir(parents=True)  # what [1] as a class would match
+    _touch(tmp_path / "run1" / "shards" / "decoy.tar")
+    spec_path = _write_spec(root / "spec.yaml", _wds(tmp_path, "shards/*.tar"))
+    monkeypatch.chdir(tmp_path)
+    spec = load_spec(spec_path)
+    check_paths(spec)
+    assert glob.glob(spec.sources[0].paths[0]) == [str(root.resolve() / "shards" / "a.tar")]
+    assert spec.output_dir == str(root.resolve() / "out")  # plain paths are not escaped
+
+
+def test_absolute_and_home_paths_are_kept(tmp_path, monkeypatch):
+    home = tmp_path / "home"
+    monkeypatch.setenv("HOME", str(home))
+    inputs = tmp_path / "inputs"
+    data = _relative_spec()
+    data["output_dir"] = str(tmp_path / "abs" / "." / "export")
+    data["work_dir"] = "~/work"
+    data["sources"][0]["paths"] = [str(inputs / "*.tar"), "~/shards/*.tar", "local/*.tar"]
+    data["sources"][2]["path"] = str(inputs / "folder")
+    spec_path = _write_spec(tmp_path / "specdir" / "spec.yaml", data)
+    monkeypatch.chdir(tmp_path)
+    spec = load_spec(spec_path)
+    assert spec.output_dir == str(tmp_path / "abs" / "export")
+    assert spec.work_dir == str(home / "work")
+    assert spec.sources[0].paths == [str(inputs / "*.tar"), str(home / "shards" / "*.tar"),
+                                     str(tmp_path.resolve() / "specdir" / "local" / "*.tar")]
+    assert spec.sources[2].path == str(inputs / "folder")
+
+
+def test_a_relative_path_and_its_absolute_spelling_are_the_same(tmp_path, monkeypatch):
+    """Below the spec dir nothing is resolved through links: a relative path to a symlinked
+    parquet stays the link (the reader refuses links), exactly as the absolute path does."""
+    root = tmp_path.resolve() / "specdir"
+    real = _touch(tmp_path / "elsewhere" / "real.parquet")
+    (root / "imgs").mkdir(parents=True)
+    (root / "meta.parquet").symlink_to(real)
+    (root / "linked").symlink_to(root / "imgs")
+    rel = {"name": "p", "kind": "parquet", "path": "meta.parquet", "image_dir": "linked/../imgs"}
+    absolute = {"name": "p", "kind": "parquet", "path": str(root / "meta.parquet"),
+                "image_dir": str(root / "linked" / ".." / "imgs")}
+    a = _minimal()
+    a["sources"] = [rel]
+    b = _minimal()
+    b.update(output_dir=str(root / "out"), work_dir=str(root / "work"), sources=[absolute])
+    b["captions"] = {"landing_dir": str(root / "data" / "captions")}
+    monkeypatch.chdir(tmp_path)
+    sa, sb = load_spec(_write_spec(root / "a.yaml", a)), load_spec(_write_spec(root / "b.yaml", b))
+    assert sa == sb
+    assert sa.sources[0].path == str(root / "meta.parquet")
+
+
+def test_a_missing_relative_source_names_the_resolved_path(tmp_path, monkeypatch):
+    root = tmp_path / "specdir"
+    (tmp_path / "cwd" / "images").mkdir(parents=True)  # only a cwd-relative path would find it
+    spec_path = _write_spec(root / "spec.yaml", _minimal("images"))
+    monkeypatch.chdir(tmp_path / "cwd")
+    with pytest.raises(SpecError) as ei:
+        check_paths(load_spec(spec_path))
+    resolved = str(root.resolve() / "images")
+    assert str(ei.value) == f"spec error at sources[0].path: directory {resolved} does not exist"
+
+    data = _wds(tmp_path, "shards/*.tar")
+    data["sources"].append({"name": "pq", "kind": "parquet", "path": "m/x.parquet", "image_dir": "imgs"})
+    _write_spec(spec_path, data)
+    with pytest.raises(SpecError, match=rf"^spec error at sources\[0\]\.paths\[0\]: no file matches "
+                                        rf"{re.escape(str(root.resolve() / 'shards' / '*.tar'))}$"):
+        check_paths(load_spec(spec_path))
+    _touch(root / "shards" / "a.tar")
+    with pytest.raises(SpecError, match=rf"^spec error at sources\[1\]\.path: file "
+                                        rf"{re.escape(str(root.resolve() / 'm' / 'x.parquet'))} does not exist$"):
+        check_paths(load_spec(spec_path))
+
+
+def test_overlap_errors_name_resolved_paths(tmp_path, monkeypatch):
+    root = (tmp_path / "specdir").resolve()
+    (root / "images").mkdir(parents=True)
+    data = _minimal()
+    data["output_dir"] = "images/export"
+    spec_path = _write_spec(root / "spec.yaml", data)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SpecError) as ei:
+        check_paths(load_spec(spec_path))
+    assert str(ei.value) == (f"spec error at output_dir: {root / 'images' / 'export'} overlaps the input "
+                             f"sources[0] ({root / 'images'})")
+
+
+def test_missing_spec_file_names_the_resolved_path(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SpecError) as ei:
+        load_spec("conf/spec.yaml")
+    assert str(ei.value) == (f"spec error: spec file {tmp_path.resolve() / 'conf' / 'spec.yaml'} "
+                             "(given as conf/spec.yaml) does not exist")
+
+
+def test_env_dir_overrides_stay_relative_to_cwd(tmp_path, monkeypatch):
+    """BUCKET_ASSETS_OUTPUT_DIR / _WORK_DIR are command-line settings: relative to cwd, while the
+    spec's own paths are relative to the spec file."""
+    from bucket_assets.definitions import OUTPUT_DIR_ENV, WORK_DIR_ENV, dataset_resource
+
+    root = (tmp_path / "specdir").resolve()
+    spec_path = _write_spec(root / "spec.yaml", _minimal())
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv(OUTPUT_DIR_ENV, "shared/export")
+    monkeypatch.delenv(WORK_DIR_ENV, raising=False)
+    spec = dataset_resource(str(spec_path)).load()
+    assert spec.output_dir == str(tmp_path.resolve() / "shared" / "export")
+    assert spec.work_dir == str(root / "work") and spec.sources[0].path == str(root / "images")
+
+
+def test_the_sample_spec_builds_from_any_cwd(tmp_path, monkeypatch, sample_root):
+    """data/spec.yaml's paths are relative to data/: a copy beside the sample data checks out
+    from the repo root, from its own dir and from /."""
+    repo = Path(__file__).resolve().parents[1]
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "spec.yaml").write_bytes((repo / "data" / "spec.yaml").read_bytes())
+    for d in ("raw", "captions"):
+        (data / d).symlink_to(sample_root / d)
+    specs = []
+    for cwd, given in ((tmp_path, "data/spec.yaml"), (data, "spec.yaml"), (Path("/"), str(data / "spec.yaml"))):
+        monkeypatch.chdir(cwd)
+        specs.append(load_spec(given))
+        check_paths(specs[-1])
+    assert specs[0] == specs[1] == specs[2]
+    base = tmp_path.resolve() / "data"
+    assert specs[0].output_dir == str(base / "export") and specs[0].work_dir == str(base / "work")
+    assert specs[0].captions.landing_dir == str(base / "captions")
