@@ -107,6 +107,23 @@ def store_dir(processed_dir: str | os.PathLike, bucket_id: str) -> str:
     return str(Path(processed_dir) / bucket_id)
 
 
+def prune_gone_buckets(processed_dir: str | os.PathLike, keep: set[str]) -> list[str]:
+    """Remove the store directories of buckets the spec no longer has (their DB rows are
+    dropped at the same time); returns the bucket ids removed."""
+    import shutil
+
+    from bucket_assets.core.publish import BUCKET_DIR_RE
+
+    root = Path(processed_dir)
+    if not root.is_dir():
+        return []
+    gone = sorted(d.name for d in root.iterdir()
+                  if d.name not in keep and BUCKET_DIR_RE.match(d.name) and d.is_dir() and not d.is_symlink())
+    for name in gone:
+        shutil.rmtree(root / name)
+    return gone
+
+
 def journal_path(processed_dir: str | os.PathLike, bucket_id: str) -> Path:
     return Path(processed_dir) / bucket_id / JOURNAL_NAME
 

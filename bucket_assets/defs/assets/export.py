@@ -14,6 +14,7 @@ from bucket_assets.core.captions import caption_warnings, rejected_sources
 from bucket_assets.core.card import render_card
 from bucket_assets.core.db import drop_other_partitions, replace_partitions, table_exists
 from bucket_assets.core.manifest import MANIFEST_NAME, build_manifest, dumps, same_content
+from bucket_assets.core.processing import prune_gone_buckets
 from bucket_assets.core.pictures import CHART_NAME, SHEETS_DIR, bucket_chart_png, contact_sheet_png, first_samples, sheet_path
 from bucket_assets.core.progress import Progress
 from bucket_assets.core.publish import BUCKET_DIR_RE, OutputDirError, claim_output_dir, publish, read_manifest, staging_dir
@@ -181,10 +182,15 @@ def export_manifest_asset(bucket_shards: dg.AssetsDefinition) -> dg.AssetsDefini
             for t in ("shard_files", "shard_samples", "processed_images"):
                 if not table_exists(con, t):
                     raise dg.Failure(f"{t} does not exist yet: materialize processed_images and bucket_shards first")
-            gone = drop_other_partitions(con, ["shard_files", "shard_samples", "processed_images"],
-                                         [b.id for b in bucket_table(spec.buckets.base_resolutions, spec.buckets.divisible)])
+            ids = [b.id for b in bucket_table(spec.buckets.base_resolutions, spec.buckets.divisible)]
+            gone = drop_other_partitions(con, ["shard_files", "shard_samples", "processed_images"], ids)
             if gone:
                 context.log.info(f"dropped {gone} row(s) of buckets the spec no longer has")
+        # With the rows gone, their stored JPEGs go too (the DB lock is not needed for that).
+        removed = prune_gone_buckets(spec.processed_dir, set(ids))
+        if removed:
+            context.log.info(f"removed the store of {len(removed)} bucket(s) the spec no longer has")
+        with dataset.db() as con:
             shard_rows = con.execute(
                 "SELECT bucket_id, path, samples, bytes, sha256 FROM shard_files ORDER BY bucket_id, shard_index"
             ).fetchall()
