@@ -14,9 +14,12 @@ instance. Messages are JSON: a worker runs only the functions registered below.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import functools
+import itertools
 import os
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator
 
 BROKER_ENV = "BUCKET_ASSETS_CELERY_BROKER"
 CHUNK_ENV = "BUCKET_ASSETS_CELERY_CHUNK"
@@ -72,6 +75,15 @@ def _shard_codec():
 FUNCTIONS: dict[str, Callable] = {"render": _render_codec, "fetch": _fetch_codec, "shard": _shard_codec}
 
 
+# Work that runs on this machine's process pool (CPU-bound); the rest runs in process.
+POOLED = {"render"}
+
+
+def run_one(name: str, item):
+    """One item of a registered function, in a pool worker (the item is pickled, not JSON)."""
+    return FUNCTIONS[name]()[0]([item])[0]
+
+
 def run_chunk(name: str, payload: list[dict]) -> list:
     run, _enc, dec = FUNCTIONS[name]()
     return run([dec(d) for d in payload])
@@ -123,21 +135,24 @@ class CeleryCompute:
                                    f"`celery -A bucket_assets.distributed worker` with {BROKER_ENV} set, or unset it")
             self._checked = True
 
-    def map(self, name: str, items: Sequence) -> Iterator:
+    def map(self, name: str, items: Iterable) -> Iterator:
+        """Results in input order; `items` is read lazily, at most `window` chunks queued."""
+        from bucket_assets.core.parallel import _chunks
+
         _run, enc, _dec = FUNCTIONS[name]()
-        if not items:
+        chunks = _chunks(items, self.chunk)
+        first = next(chunks, None)
+        if first is None:
             return
         self._check_workers()
         task = self.app.tasks["bucket_assets.run_chunk"]
-        chunks = [list(items[i:i + self.chunk]) for i in range(0, len(items), self.chunk)]
-        pending = []
-        it = iter(chunks)
-        for c in it:
+        pending: collections.deque = collections.deque()
+        for c in itertools.chain([first], chunks):
             pending.append(task.apply_async((name, [enc(x) for x in c])))
             if len(pending) >= self.window:
-                yield from pending.pop(0).get(timeout=self.timeout_s)
-        for r in pending:
-            yield from r.get(timeout=self.timeout_s)
+                yield from pending.popleft().get(timeout=self.timeout_s)
+        while pending:
+            yield from pending.popleft().get(timeout=self.timeout_s)
 
 
 class LocalCompute:
@@ -147,13 +162,14 @@ class LocalCompute:
     def __init__(self, workers: int):
         self.workers = workers
 
-    def map(self, name: str, items: Sequence) -> Iterator:
-        from bucket_assets.core.parallel import ordered_map
-        from bucket_assets.core.processing import render
+    def map(self, name: str, items: Iterable) -> Iterator:
+        """Results in input order; `items` is read lazily (a bounded window in flight)."""
+        from bucket_assets.core.parallel import _chunks, ordered_map
 
-        if name == "render":
-            yield from ordered_map(render, list(items), self.workers, chunksize=4)
+        if name in POOLED:
+            yield from ordered_map(functools.partial(run_one, name), items, self.workers, chunksize=4)
         else:
             run, _enc, _dec = FUNCTIONS[name]()
-            if items:
-                yield from run(list(items))
+            # URLs of one chunk are fetched concurrently; a shard plan is already a batch.
+            for chunk in _chunks(items, 256 if name == "fetch" else 1):
+                yield from run(chunk)

@@ -3,6 +3,8 @@ depends on the worker count."""
 
 from __future__ import annotations
 
+import collections
+import itertools
 import multiprocessing as mp
 import os
 from typing import Callable, Iterable, Iterator, TypeVar
@@ -22,17 +24,38 @@ def _init_worker() -> None:
     torch.set_num_threads(1)
 
 
+def _run_chunk(fn: Callable[[T], R], chunk: list[T]) -> list[R]:
+    return [fn(x) for x in chunk]
+
+
 def ordered_map(
-    fn: Callable[[T], R], items: Iterable[T], workers: int, chunksize: int = 8, min_items_for_pool: int = 16
+    fn: Callable[[T], R], items: Iterable[T], workers: int, chunksize: int = 8, min_items_for_pool: int = 16,
+    window: int = 4,
 ) -> Iterator[R]:
     """map(fn, items) in input order; with workers > 1 a spawn-context pool of that size.
 
-    Small inputs run inline: starting interpreters costs more than they would save.
+    `items` is consumed lazily: at most `window` chunks per worker are in flight, so memory
+    follows the window, not the input. Small inputs run inline: starting interpreters costs
+    more than they would save.
     """
-    items = list(items)
-    if workers <= 1 or len(items) < min_items_for_pool:
-        yield from map(fn, items)
+    it = iter(items)
+    head = list(itertools.islice(it, min_items_for_pool))
+    if workers <= 1 or len(head) < min_items_for_pool:
+        yield from map(fn, itertools.chain(head, it))
         return
+    chunks = _chunks(itertools.chain(head, it), chunksize)
     ctx = mp.get_context("spawn")
-    with ctx.Pool(processes=min(workers, len(items)), initializer=_init_worker) as pool:
-        yield from pool.imap(fn, items, chunksize=chunksize)
+    with ctx.Pool(processes=workers, initializer=_init_worker) as pool:
+        pending: collections.deque = collections.deque()
+        for chunk in chunks:
+            pending.append(pool.apply_async(_run_chunk, (fn, chunk)))
+            if len(pending) >= workers * window:
+                yield from pending.popleft().get()
+        while pending:
+            yield from pending.popleft().get()
+
+
+def _chunks(items: Iterable[T], size: int) -> Iterator[list[T]]:
+    it = iter(items)
+    while chunk := list(itertools.islice(it, size)):
+        yield chunk
