@@ -16,8 +16,22 @@ def _fail(msg: str, code: int = 2) -> int:
     return code
 
 
-# The settings of the project's dagster.yaml (a test keeps the two equal).
+# The project's dagster.yaml (a test keeps the two equal): the instance settings, and where the
+# instance of DAGSTER_HOME=<project root> stores everything (.dagster_home/, relative paths).
 DEFAULT_INSTANCE_YAML = """\
+storage:
+  sqlite:
+    base_dir: .dagster_home
+local_artifact_storage:
+  module: dagster._core.storage.root
+  class: LocalArtifactStorage
+  config:
+    base_dir: .dagster_home
+compute_logs:
+  module: dagster._core.storage.local_compute_log_manager
+  class: LocalComputeLogManager
+  config:
+    base_dir: .dagster_home/storage
 telemetry:
   enabled: false
 nux:
@@ -31,12 +45,59 @@ run_queue:
       limit: 1
 """
 
+# Keys of an instance config that say where the instance stores things: a seeded home keeps its
+# storage in itself (Dagster's defaults), whatever the file it was seeded from says.
+_STORAGE_KEYS = ("storage", "run_storage", "event_log_storage", "schedule_storage", "compute_logs",
+                 "local_artifact_storage")
+
+
+def _instance_config(path: Path) -> dict:
+    import yaml
+
+    try:
+        value = yaml.safe_load(path.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _relative_storage_dirs(config: dict) -> list[str]:
+    """The base_dir values of `config` that are relative paths (resolved against the cwd)."""
+    out = []
+
+    def walk(node) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key == "base_dir" and isinstance(value, str) and not os.path.isabs(value):
+                    out.append(value)
+                else:
+                    walk(value)
+
+    for key in _STORAGE_KEYS:
+        walk(config.get(key))
+    return out
+
 
 def ensure_dagster_home() -> Path:
-    """$DAGSTER_HOME, or ./.dagster_home seeded with the project's dagster.yaml."""
+    """The Dagster instance the build records in (and sets as $DAGSTER_HOME):
+
+    - $DAGSTER_HOME when set; a home without dagster.yaml is seeded with the settings of
+      ./dagster.yaml or, when the home is new, the project's (DEFAULT_INSTANCE_YAML), never with
+      storage paths;
+    - else the cwd when ./dagster.yaml says where its storage goes (the project root: storage in
+      ./.dagster_home, the instance the README's `DAGSTER_HOME=$PWD dg dev` shows);
+    - else ./.dagster_home, seeded as above.
+
+    A home whose config keeps storage at relative paths is used only from that directory, so
+    every process finds the same files (else a one-line error, exit 2)."""
+    import yaml
+
     home = os.environ.get("DAGSTER_HOME")
     if not home:
-        home = str(Path.cwd() / ".dagster_home")
+        if _relative_storage_dirs(_instance_config(Path("dagster.yaml"))):
+            home = str(Path.cwd())
+        else:
+            home = str(Path.cwd() / ".dagster_home")
         os.environ["DAGSTER_HOME"] = home
     p = Path(home)
     created = not p.exists()
@@ -44,26 +105,36 @@ def ensure_dagster_home() -> Path:
     target = p / "dagster.yaml"
     if not target.exists():
         if Path("dagster.yaml").is_file():
-            text = Path("dagster.yaml").read_bytes()
+            settings = _instance_config(Path("dagster.yaml"))
         elif created:
             # A home we just made gets the project's instance settings (as in ./dagster.yaml).
-            text = DEFAULT_INSTANCE_YAML.encode()
+            settings = yaml.safe_load(DEFAULT_INSTANCE_YAML)
         else:
             return p
+        text = yaml.safe_dump({k: v for k, v in settings.items() if k not in _STORAGE_KEYS},
+                              sort_keys=False).encode()
         # Whole or not at all: a build of another spec may be opening this home right now.
         tmp = p / f".dagster.yaml.{os.getpid()}.tmp"
         tmp.write_bytes(text)
         os.replace(tmp, target)
+    relative = _relative_storage_dirs(_instance_config(target))
+    if relative and Path.cwd().resolve() != p.resolve():
+        raise SystemExit(_fail(
+            f"DAGSTER_HOME={home} keeps its storage at paths relative to the directory commands run in "
+            f"({', '.join(relative)}): run bucket-assets build in {home}, or give another DAGSTER_HOME"))
     return p
 
 
 def _failed_checks(result) -> list[str]:
-    """'name: its own message' of every failed asset check of the run."""
+    """'name: its own message' of every failed asset check of the run with ERROR severity (a
+    WARN check's finding reaches the console as a warning, from the manifest)."""
+    import dagster as dg
+
     out = []
     for event in result.all_events:
         if event.event_type_value == "ASSET_CHECK_EVALUATION":
             data = event.event_specific_data
-            if not data.passed:
+            if not data.passed and data.severity != dg.AssetCheckSeverity.WARN:
                 desc = (getattr(data, "description", None) or "").strip()
                 out.append(f"{data.check_name}: {desc.splitlines()[0]}" if desc else data.check_name)
     return out
