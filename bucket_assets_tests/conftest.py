@@ -118,15 +118,17 @@ def wait_for(pred, timeout: float, what: str, proc=None):
 
 @contextmanager
 def dagster_dev(cwd: Path, env: dict, port: int, startup_timeout: float = 120) -> Iterator[subprocess.Popen]:
-    """`dagster dev` (webserver + daemon) on 127.0.0.1:port in its own session, up and answering
-    when the block starts; stopped (SIGTERM, then SIGKILL) when it ends. Log: cwd/dagster_dev.log."""
+    """`dg dev` (webserver + daemon) of this project (its pyproject's [tool.dg]: the README's UI
+    command) on 127.0.0.1:port in its own session, up and answering when the block starts; stopped
+    (SIGTERM, then SIGKILL) when it ends. Log: cwd/dagster_dev.log. dg runs Dagster from the project
+    root; the instance is env's DAGSTER_HOME."""
     import signal
     import urllib.request
 
-    dagster = os.path.join(os.path.dirname(sys.executable), "dagster")
+    dg_exe = os.path.join(os.path.dirname(sys.executable), "dg")
     log = open(cwd / "dagster_dev.log", "w")
     proc = subprocess.Popen(
-        [dagster, "dev", "-h", "127.0.0.1", "-p", str(port), "-m", "bucket_assets.definitions"],
+        [dg_exe, "dev", "--target-path", str(REPO), "-h", "127.0.0.1", "-p", str(port)],
         cwd=cwd, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )
     try:

@@ -1,4 +1,4 @@
-"""With real processes: `dagster dev` (webserver + daemon) keeps an export fresh when a caption
+"""With real processes: `dg dev` (webserver + daemon) keeps an export fresh when a caption
 source lands, rewriting only the bucket whose captions changed."""
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ def test_dagster_dev_reshards_one_bucket_when_a_caption_source_lands(make_spec, 
     port = free_port()
     with dagster_dev(tmp_path, env, port) as proc:
         # The README's command binds the webserver to loopback only.
-        assert "dagster dev -h 127.0.0.1" in (Path(__file__).resolve().parents[1] / "README.md").read_text()
+        assert "dg dev -h 127.0.0.1" in (Path(__file__).resolve().parents[1] / "README.md").read_text()
         if Path("/proc/net/tcp").exists():
             assert listening_addresses(port) == {"0100007F"}, listening_addresses(port)
         ids = sorted(by_bucket[target])
