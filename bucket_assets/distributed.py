@@ -72,11 +72,28 @@ def _shard_codec():
     return run, enc, dec
 
 
-FUNCTIONS: dict[str, Callable] = {"render": _render_codec, "fetch": _fetch_codec, "shard": _shard_codec}
+def _scan_codec():
+    from bucket_assets.core.raw_index import ScanTask, scan_part
+
+    # One part of a source file or directory: the worker scans it, probes its images and writes
+    # the part's fragment itself; the message back is its small summary. No DuckDB here.
+    def run(tasks: list[ScanTask]) -> list[dict]:
+        return [scan_part(t) for t in tasks]
+
+    return run, dataclasses.asdict, lambda d: ScanTask(**d)
+
+
+FUNCTIONS: dict[str, Callable] = {"render": _render_codec, "fetch": _fetch_codec, "shard": _shard_codec,
+                                  "scan": _scan_codec}
 
 
 # Work that runs on this machine's process pool (CPU-bound); the rest runs in process.
-POOLED = {"render"}
+POOLED = {"render", "scan"}
+
+# Items per message or pool task where the default does not fit: a scan part is already a
+# large piece of work (thousands of records), so each goes to its own worker and the pool is
+# worth starting for two of them.
+ONE_PER_TASK = {"scan"}
 
 
 def run_one(name: str, item):
@@ -140,7 +157,7 @@ class CeleryCompute:
         from bucket_assets.core.parallel import _chunks
 
         _run, enc, _dec = FUNCTIONS[name]()
-        chunks = _chunks(items, self.chunk)
+        chunks = _chunks(items, 1 if name in ONE_PER_TASK else self.chunk)
         first = next(chunks, None)
         if first is None:
             return
@@ -166,7 +183,10 @@ class LocalCompute:
         """Results in input order; `items` is read lazily (a bounded window in flight)."""
         from bucket_assets.core.parallel import _chunks, ordered_map
 
-        if name in POOLED:
+        if name in ONE_PER_TASK:
+            yield from ordered_map(functools.partial(run_one, name), items, self.workers, chunksize=1,
+                                   min_items_for_pool=2)
+        elif name in POOLED:
             yield from ordered_map(functools.partial(run_one, name), items, self.workers, chunksize=4)
         else:
             run, _enc, _dec = FUNCTIONS[name]()

@@ -371,5 +371,5 @@ def test_long_stages_log_progress(make_spec):
     result = materialize_all(make_spec("progress"), instance)
     assert result.success
     messages = [e.user_message for e in instance.all_logs(result.run_id)]
-    for stage in ("raw_index: records probed", "processed_images: images rendered", "bucket_shards: buckets written"):
+    for stage in ("raw_index: source parts scanned", "processed_images: images rendered", "bucket_shards: buckets written"):
         assert any(re.fullmatch(rf"{stage}: (\d+)/\1 \(100%\), [\d.]+/s in \d+s", m) for m in messages), stage

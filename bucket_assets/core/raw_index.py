@@ -1,19 +1,37 @@
-"""The raw index: one row per source record, with its bytes located, hashed and header-probed."""
+"""The raw index: one row per source record, with its bytes located, hashed and header-probed.
+
+A source is a list of scan units (each tar, the parquet file with its image dir, each folder
+directory, each URL metadata file); a unit is scanned in parts of at most a few thousand
+records. `scan_part` is the work of one part, run by a compute-engine worker (a pool process or
+a Celery worker): it scans the part, reads, hashes and probes its images, and writes the part's
+rows as a parquet fragment in bounded batches, then a small JSON summary beside it (the commit
+point); it returns that summary. Workers never touch DuckDB: core/scan_cache.py decides which
+parts to scan, and builds the raw_index table from the fragments.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
-from typing import Callable
+import os
+import socket
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 
+from bucket_assets.core.atomic import atomic_write_text, atomic_writer
 from bucket_assets.core.failpoints import failpoint
 from bucket_assets.core.imaging import ImageError, probe
-from bucket_assets.core.parallel import ordered_map
-from bucket_assets.core.progress import Progress
-from bucket_assets.core.sources import RawRecord, ScanStats, read_bytes, scan_source
-from bucket_assets.spec import Spec
+from bucket_assets.core.sources import RawRecord, ScanStats, finalize, read_bytes
+from bucket_assets.core.sources.parquet import SourceError
+from bucket_assets.spec import FolderSource, ParquetSource, Source, Spec, UrlSource, WebDatasetSource
+
+# Bump when a reader or the probe changes what a record's row holds: every cached fragment is
+# then scanned again.
+SCAN_VERSION = 1
 
 
 class DuplicateIdError(ValueError):
@@ -71,29 +89,6 @@ def _probe_task(task: tuple[str | None, str | None, int | None, int | None, int]
     return out
 
 
-def scan_all(spec: Spec, downloads: dict[str, dict[str, dict]] | None = None) -> tuple[list[RawRecord], ScanStats]:
-    """Every record of every source, in spec order; an id in two sources is an error naming both.
-    `downloads`: source name -> image_id -> url_downloads row, for URL sources."""
-    stats = ScanStats()
-    records: list[RawRecord] = []
-    owner: dict[str, str] = {}
-    downloads = downloads or {}
-    for source in spec.sources:
-        for rec in scan_source(source, stats, spec.captions.max_chars, downloads.get(source.name, {}), str(spec.downloads_dir)):
-            if rec.issue == "missing_id":  # a made-up id: it names the row, not an image
-                records.append(rec)
-                continue
-            prev = owner.get(rec.image_id)
-            if prev is not None and prev != rec.source:
-                raise DuplicateIdError(
-                    f"image_id {rec.image_id!r} appears in two sources: {prev!r} and {rec.source!r}"
-                )
-            owner[rec.image_id] = rec.source
-            records.append(rec)
-            failpoint("scan")
-    return records, stats
-
-
 def record_row(row_id: int, rec: RawRecord, kind: str) -> dict:
     """A scanned (sources.finalize'd) record as a raw index row, before its probe."""
     return {
@@ -121,31 +116,199 @@ def record_row(row_id: int, rec: RawRecord, kind: str) -> dict:
     }
 
 
-def build_raw_index(
-    spec: Spec, workers: int, report: Callable[[str], None] | None = None,
-    downloads: dict[str, dict[str, dict]] | None = None,
-) -> tuple[pa.Table, ScanStats]:
-    """`report` receives a progress line every few seconds while the records are hashed and probed."""
-    records, stats = scan_all(spec, downloads)
-    kinds = {s.name: s.kind for s in spec.sources}
-    tasks = [
-        (r.location, r.member, r.offset, r.size, spec.image.max_pixels)
-        for r in records
-        if r.issue is None
-    ]
-    probed = iter(ordered_map(_probe_task, tasks, workers, chunksize=16))
-    progress = Progress("raw_index: records probed", len(tasks), report)
-    rows = []
-    for row_id, rec in enumerate(records):
-        row = record_row(row_id, rec, kinds[rec.source])
-        if rec.issue is None:
-            row.update(next(probed))
-            progress.advance()
-        rows.append(row)
-    progress.close()
-    table = pa.Table.from_pylist(rows, schema=RAW_INDEX_SCHEMA)
-    return table, stats
+# A fragment holds a part's rows in order, without row_id (the scan cache numbers them), plus,
+# for URL sources, what each row becomes if an earlier row of the source (in another file or part)
+# has its id.
+FRAGMENT_SCHEMA = pa.schema(
+    [f for f in RAW_INDEX_SCHEMA if f.name != "row_id"]
+    + [pa.field("dup_issue_detail", pa.string()), pa.field("dup_notes", pa.string())]
+)
+FRAGMENT_BATCH = 512  # rows per parquet write: a part's rows are never all held at once
 
+# The url_downloads columns a URL record depends on, hashed into the part's downloads digest.
+DOWNLOAD_FIELDS = ("image_id", "url", "status", "detail", "sha256")
+
+
+@dataclass
+class ScanTask:
+    """One part of one scan unit. JSON-encodable (dataclasses.asdict) for Celery workers."""
+
+    source: dict  # the source's spec (model_dump(mode="json"))
+    unit: str  # the tar, the parquet file, the folder directory or the URL metadata file
+    fingerprint: str  # unit_fingerprint as the coordinator saw it
+    start: int  # records [start, stop) of the unit (stop None: to the end)
+    stop: int | None
+    max_chars: int
+    max_pixels: int
+    fragment: str  # where the part's rows go; the summary goes to summary_path(fragment)
+    downloads: str | None = None  # URL sources: a parquet of the source's url_downloads rows
+    store: str | None = None  # URL sources: the download store
+
+
+def summary_path(fragment: str | os.PathLike) -> str:
+    return os.fspath(fragment).removesuffix(".parquet") + ".json"
+
+
+def unstable_path(fragment: str | os.PathLike) -> str:
+    return os.fspath(fragment).removesuffix(".parquet") + ".unstable.parquet"
+
+
+_ADAPTER = None
+
+
+def parse_source(d: dict) -> Source:
+    global _ADAPTER
+    if _ADAPTER is None:
+        from pydantic import TypeAdapter
+
+        _ADAPTER = TypeAdapter(Source)
+    return _ADAPTER.validate_python(d)
+
+
+def unit_fingerprint(source: Source, unit: str) -> str:
+    """What a unit's records depend on, from stat and directory listings only (nothing is opened)."""
+    from bucket_assets.core.sources import folder, parquet, urls, webdataset
+
+    if isinstance(source, WebDatasetSource):
+        return webdataset.fingerprint(unit)
+    if isinstance(source, ParquetSource):
+        return parquet.fingerprint(source)
+    if isinstance(source, FolderSource):
+        return folder.fingerprint(source, unit)
+    return urls.fingerprint(unit)
+
+
+def downloads_digest(rows: Iterable[dict]) -> list[str]:
+    """An order-independent digest of url_downloads rows: [count, sum of the MD5's first 8 bytes,
+    sum of its last 8] (little-endian), the same as scan_cache.DOWNLOADS_DIGEST_SQL computes."""
+    n = hi = lo = 0
+    for r in rows:
+        text = "\x1f".join("\x1e" if r[k] is None else r[k] for k in DOWNLOAD_FIELDS)
+        d = hashlib.md5(text.encode("utf-8")).digest()
+        hi += int.from_bytes(d[:8], "little")
+        lo += int.from_bytes(d[8:], "little")
+        n += 1
+    return [str(n), str(hi), str(lo)]
+
+
+def read_downloads(path: str | None, ids: set[str]) -> tuple[dict[str, dict], list[str]]:
+    """The url_downloads rows of `ids` from the coordinator's export (only those are loaded)."""
+    if path is None or not ids:
+        return {}, downloads_digest([])
+    rows = pq.read_table(path, columns=list(DOWNLOAD_FIELDS), filters=[("image_id", "in", sorted(ids))]).to_pylist()
+    return {r["image_id"]: r for r in rows}, downloads_digest(rows)
+
+
+def _records(source: Source, task: ScanTask, stats: ScanStats, downloads: dict) -> Iterator[tuple[RawRecord, tuple]]:
+    """The part's finalized records in order, each with (dup_issue_detail, dup_notes)."""
+    from bucket_assets.core.sources import folder, parquet, urls, webdataset
+
+    none = (None, None)
+    if isinstance(source, WebDatasetSource):
+        records = webdataset.scan_file(source, task.unit, stats, task.max_chars)
+    elif isinstance(source, ParquetSource):
+        records = parquet.scan(source, stats, task.max_chars, task.start, task.stop)
+    elif isinstance(source, FolderSource):
+        records = folder.scan_dir(source, task.unit, stats, task.max_chars, task.start, task.stop)
+    else:
+        for rec, dup in urls.scan_file(source, task.unit, stats, task.max_chars, downloads, str(task.store),
+                                       task.start, task.stop):
+            rec = finalize(rec)
+            if dup is None:
+                yield rec, ((rec.issue_detail, ",".join(rec.notes) or None) if rec.issue == "duplicate_id" else none)
+            else:
+                dup = finalize(dup)
+                yield rec, (dup.issue_detail, ",".join(dup.notes) or None)
+        return
+    for rec in records:
+        yield finalize(rec), none
+
+
+def unit_rows(source: Source, unit: str) -> int | None:
+    """Rows of a parquet or URL metadata file (its parts are ranges of them); None otherwise."""
+    from bucket_assets.core.sources.parquet import num_rows
+
+    if isinstance(source, (ParquetSource, UrlSource)):
+        return num_rows(source.path if isinstance(source, ParquetSource) else unit)
+    return None
+
+
+def scan_part(task: ScanTask) -> dict:
+    """Scan one part, probe its images, write its fragment and commit it with its summary.
+
+    The unit's fingerprint is taken before and after; a part whose unit changed meanwhile (or
+    since the coordinator listed it) is not committed: its fragment is moved to its
+    `.unstable.parquet` name, used by this build only, and the part is scanned again next time.
+    Returns the summary (rows, skip counts, file-level skips, a bounded list of notes, the
+    fingerprint seen), or one with `error` for a source that cannot be read at all."""
+    from bucket_assets.core.sources import urls
+
+    source = parse_source(task.source)
+    before = unit_fingerprint(source, task.unit)
+    stats = ScanStats()
+    summary: dict = {"version": SCAN_VERSION, "source": source.name, "unit": task.unit, "start": task.start,
+                     "stop": task.stop, "worker": f"{socket.gethostname()}:{os.getpid()}", "error": None}
+    context = os.path.basename(task.unit)
+    downloads, digest = {}, None
+    n = 0
+    try:
+        if isinstance(source, UrlSource):
+            downloads, digest = read_downloads(task.downloads, urls.file_ids(source, task.unit, task.start, task.stop))
+        with atomic_writer(task.fragment) as f:
+            writer = pq.ParquetWriter(f, FRAGMENT_SCHEMA)
+            try:
+                batch: list[dict] = []
+                for rec, (dup_detail, dup_notes) in _records(source, task, stats, downloads):
+                    row = record_row(0, rec, source.kind)
+                    del row["row_id"]
+                    if rec.issue is None:
+                        row.update(_probe_task((rec.location, rec.member, rec.offset, rec.size, task.max_pixels)))
+                    row["dup_issue_detail"], row["dup_notes"] = dup_detail, dup_notes
+                    batch.append(row)
+                    n += 1
+                    failpoint("scan", context)
+                    if len(batch) >= FRAGMENT_BATCH:
+                        writer.write_table(pa.Table.from_pylist(batch, schema=FRAGMENT_SCHEMA))
+                        batch = []
+                if batch:
+                    writer.write_table(pa.Table.from_pylist(batch, schema=FRAGMENT_SCHEMA))
+            finally:
+                writer.close()
+        rows_in_unit = unit_rows(source, task.unit)
+    except SourceError as exc:
+        return {**summary, "error": str(exc)}
+    after = unit_fingerprint(source, task.unit)
+    stable = before == task.fingerprint == after
+    summary.update(rows=n, counts=stats.counts, files=stats.files, notes=stats.notes, seen=after, stable=stable,
+                   unit_rows=rows_in_unit, downloads_digest=digest)
+    if stable:
+        atomic_write_text(summary_path(task.fragment), json.dumps(summary, sort_keys=True))
+    else:
+        os.replace(task.fragment, unstable_path(task.fragment))
+    return summary
+
+
+def build_raw_index(spec: Spec, workers: int, report: Callable[[str], None] | None = None) -> tuple[pa.Table, ScanStats]:
+    """The raw index of `spec` as an Arrow table (tests, tools): the scan cache in spec.work_dir
+    with an in-memory catalog (no url_downloads there: URL records are not_downloaded). The
+    build itself uses ScanCache with the dataset's DuckDB and never holds the table in Python."""
+    import duckdb
+
+    from bucket_assets.core.scan_cache import ScanCache
+    from bucket_assets.distributed import LocalCompute
+
+    con = duckdb.connect()
+
+    @contextmanager
+    def db():
+        yield con
+
+    try:
+        outcome = ScanCache(spec, LocalCompute(workers), report).build(db)
+        table = con.execute("SELECT * FROM raw_index ORDER BY row_id").to_arrow_table()
+    finally:
+        con.close()
+    return table, outcome.stats
 
 SCAN_SKIPS_SCHEMA = pa.schema([("scope", pa.string()), ("reason", pa.string()), ("count", pa.int64())])
 

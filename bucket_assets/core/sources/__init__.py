@@ -7,10 +7,11 @@ own caption and metadata. Reading the bytes and probing the header happens later
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import stat
 from dataclasses import dataclass, field
-from typing import BinaryIO, Iterator
+from typing import BinaryIO, Iterable, Iterator
 
 from bucket_assets.core.sources import values
 from bucket_assets.spec import FolderSource, ParquetSource, Source, UrlSource, WebDatasetSource
@@ -61,6 +62,68 @@ class ScanStats:
     def note(self, detail: str) -> None:
         if len(self.notes) < MAX_NOTES:
             self.notes.append(values.text(detail)[0] or "")
+
+
+def stat_token(path: str) -> str:
+    """What a scan unit's file looks like without opening it: type, size, mtime and inode from
+    lstat (links are never followed), or the error that stat gave."""
+    try:
+        st = os.lstat(path)
+    except OSError as exc:
+        return f"error:{exc.errno}"
+    return f"{st.st_mode:o}:{st.st_size}:{st.st_mtime_ns}:{st.st_ino}"
+
+
+def is_candidate(name: str, exts: Iterable[str]) -> bool:
+    """A file name the folder and parquet readers take for an image: its last suffix is one of `exts`."""
+    _stem, dot, ext = name.rpartition(".")
+    return bool(dot) and ext.lower() in exts
+
+
+@dataclass
+class DirState:
+    token: str  # digest of the names and lstat of the entries (subdirectories excluded)
+    candidates: int  # entries that are images by name and not directories (os.walk's files)
+    subdirs: list[str]  # real subdirectories, sorted (links to directories are not followed)
+
+
+def dir_state(path: str, exts: Iterable[str], only_candidates: bool = False, subdirs: bool = False) -> DirState:
+    """One directory listing, streamed: an order-independent digest (a sum of per-entry hashes,
+    so no list of names is kept) of every entry's name, type, size, mtime and inode, without
+    opening any of them. `only_candidates`: only entries named like images count."""
+    exts = set(exts)
+    total, n, cand, subs = 0, 0, 0, []
+    try:
+        with os.scandir(path) as it:
+            for e in it:
+                try:
+                    real_dir = e.is_dir(follow_symlinks=False)
+                except OSError:
+                    real_dir = False
+                if real_dir:
+                    if subdirs:
+                        subs.append(e.name)
+                    continue
+                match = is_candidate(e.name, exts)
+                if only_candidates and not match:
+                    continue
+                if match:
+                    try:
+                        as_dir = e.is_dir()  # os.walk's test: a link to a directory is not a file
+                    except OSError:
+                        as_dir = False
+                    cand += not as_dir
+                try:
+                    st = e.stat(follow_symlinks=False)
+                    what = f"{st.st_mode:o}:{st.st_size}:{st.st_mtime_ns}:{st.st_ino}"
+                except OSError:
+                    what = "gone"
+                h = hashlib.sha256(os.fsencode(e.name) + b"\0" + what.encode()).digest()
+                total = (total + int.from_bytes(h[:16], "big")) % (1 << 128)
+                n += 1
+    except OSError as exc:
+        return DirState(f"error:{exc.errno}", 0, [])
+    return DirState(f"{n}:{total:032x}", cand, sorted(subs))
 
 
 def check_input_file(path: str, stats: ScanStats, source_name: str) -> bool:

@@ -5,14 +5,14 @@ located at its downloaded bytes, or carrying the download's failure reason as it
 from __future__ import annotations
 
 import glob
-from typing import Iterator
+from typing import Iterator, Mapping
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from bucket_assets.core.download import blob_path
-from bucket_assets.core.sources import RawRecord, ScanStats
-from bucket_assets.core.sources.parquet import SourceError, fill_from_columns, missing_id
+from bucket_assets.core.sources import RawRecord, ScanStats, stat_token
+from bucket_assets.core.sources.parquet import SourceError, fill_from_columns, missing_id, read_rows
 from bucket_assets.core.sources.values import is_regular_file
 from bucket_assets.spec import UrlSource
 
@@ -48,19 +48,35 @@ def _check_schema(source: UrlSource, path: str) -> list[str]:
     return [c for c in cols.model_dump().values() if c is not None]
 
 
+def fingerprint(path: str) -> str:
+    """A metadata file's stat (its records also depend on the source's url_downloads rows,
+    which the scan cache checks on its own)."""
+    return stat_token(path)
+
+
+def _columns(source: UrlSource, path: str) -> list[str]:
+    if not is_regular_file(path):
+        raise SourceError(f"source {source.name}: {path} is not a regular file (symlinks and FIFOs are not read)")
+    return sorted(set(_check_schema(source, path)))
+
+
+def file_rows(source: UrlSource, path: str, start: int = 0, stop: int | None = None) -> Iterator[tuple[int, dict]]:
+    """(row index in the file, row) for rows [start, stop) of one metadata file."""
+    yield from read_rows(source.name, path, _columns(source, path), start, stop)
+
+
+def file_ids(source: UrlSource, path: str, start: int = 0, stop: int | None = None) -> set[str]:
+    """The ids of rows [start, stop) of one metadata file (only the id column is read)."""
+    _columns(source, path)
+    col = source.columns.id
+    return {str(row[col]) for _i, row in read_rows(source.name, path, [col], start, stop) if row[col] is not None}
+
+
 def _rows(source: UrlSource) -> Iterator[tuple[str, int, dict]]:
     """(file, row index in the file, row) for every row of every file."""
     for path in files(source):
-        if not is_regular_file(path):
-            raise SourceError(f"source {source.name}: {path} is not a regular file (symlinks and FIFOs are not read)")
-        names = sorted(set(_check_schema(source, path)))
-        pf = pq.ParquetFile(path)
-        row = 0
-        for batch in pf.iter_batches(batch_size=65536, columns=names):
-            data = {n: batch.column(n).to_pylist() for n in names}
-            for i in range(batch.num_rows):
-                yield path, row, {n: data[n][i] for n in names}
-                row += 1
+        for i, row in file_rows(source, path):
+            yield path, i, row
 
 
 def url_requests(source: UrlSource) -> Iterator[tuple[str, str]]:
@@ -75,23 +91,28 @@ def url_requests(source: UrlSource) -> Iterator[tuple[str, str]]:
         yield str(row[cols.id]), url if isinstance(url, str) else ""
 
 
-def scan(source: UrlSource, stats: ScanStats, max_caption_chars: int, downloads: dict[str, dict],
-         store: str) -> Iterator[RawRecord]:
-    """`downloads`: image_id -> the url_downloads row for this source."""
+def scan_file(source: UrlSource, path: str, stats: ScanStats, max_caption_chars: int, downloads: Mapping[str, dict],
+              store: str, start: int = 0, stop: int | None = None,
+              seen: set[str] | None = None) -> Iterator[tuple[RawRecord, RawRecord | None]]:
+    """Rows [start, stop) of one metadata file as (record, its duplicate form): what the record
+    would be if an earlier row of the source had its id (None for a row without an id). `seen`:
+    ids of earlier rows (those of this range are added); the scan cache finds the earlier rows
+    of other files and ranges itself and gives them their duplicate form."""
     cols = source.columns
-    seen: set[str] = set()
-    for path, i, row in _rows(source):
+    seen = set() if seen is None else seen
+    for i, row in file_rows(source, path, start, stop):
         raw_id = row[cols.id]
         if raw_id is None:
-            yield missing_id(source.name, path, i, row)
+            yield missing_id(source.name, path, i, row), None
             continue
         image_id = str(raw_id)
-        rec = RawRecord(image_id=image_id, source=source.name, location=None, meta=row)
+        dup = RawRecord(image_id=image_id, source=source.name, location=None, meta=row, issue="duplicate_id",
+                        issue_detail=f"{path}: row {i}: an earlier row has this id")
         if image_id in seen:  # the first row with an id is the one fetched and indexed
-            rec.issue, rec.issue_detail = "duplicate_id", f"{path}: row {i}: an earlier row has this id"
-            yield rec
+            yield dup, None
             continue
         seen.add(image_id)
+        rec = RawRecord(image_id=image_id, source=source.name, location=None, meta=row)
         fill_from_columns(rec, row.__getitem__, cols, max_caption_chars)
         got = downloads.get(image_id)
         if got is None or got["url"] != (rec.url or ""):
@@ -100,4 +121,13 @@ def scan(source: UrlSource, stats: ScanStats, max_caption_chars: int, downloads:
             rec.issue, rec.issue_detail = got["status"], got["detail"]
         else:
             rec.location = str(blob_path(store, got["sha256"]))
-        yield rec
+        yield rec, dup
+
+
+def scan(source: UrlSource, stats: ScanStats, max_caption_chars: int, downloads: Mapping[str, dict],
+         store: str) -> Iterator[RawRecord]:
+    """`downloads`: image_id -> the url_downloads row for this source."""
+    seen: set[str] = set()
+    for path in files(source):
+        for rec, _dup in scan_file(source, path, stats, max_caption_chars, downloads, store, seen=seen):
+            yield rec

@@ -18,7 +18,9 @@ import zlib
 from typing import BinaryIO, Iterator
 
 from bucket_assets.core.captions import clean_caption
-from bucket_assets.core.sources import RawRecord, ScanStats, caption_from_sidecar, check_input_file
+from bucket_assets.core.sources import (
+    RawRecord, ScanStats, caption_from_sidecar, check_input_file, open_regular, stat_token,
+)
 from bucket_assets.core.sources.values import caption_bytes_limit, load_json_object, read_prefix
 from bucket_assets.spec import WebDatasetSource
 
@@ -85,12 +87,25 @@ class _Clamped(io.RawIOBase):
         return self.f.tell()
 
 
-def scan(source: WebDatasetSource, stats: ScanStats, max_caption_chars: int) -> Iterator[RawRecord]:
+def unit_paths(source: WebDatasetSource) -> list[str]:
+    """The source's tars, in the order they are read: each one is a scan unit."""
+    return sorted({p for pattern in source.paths for p in glob.glob(pattern)})
+
+
+def fingerprint(path: str) -> str:
+    return stat_token(path)
+
+
+def scan_file(source: WebDatasetSource, path: str, stats: ScanStats, max_caption_chars: int) -> Iterator[RawRecord]:
+    """The records of one tar; a tar that cannot be read at all is a per-file reason in `stats`."""
     exts = {e.lower().lstrip(".") for e in source.image_extensions}
-    files = sorted({p for pattern in source.paths for p in glob.glob(pattern)})
-    for path in files:
-        if check_input_file(path, stats, source.name):
-            yield from _scan_tar(path, source, exts, stats, max_caption_chars)
+    if check_input_file(path, stats, source.name):
+        yield from _scan_tar(path, source, exts, stats, max_caption_chars)
+
+
+def scan(source: WebDatasetSource, stats: ScanStats, max_caption_chars: int) -> Iterator[RawRecord]:
+    for path in unit_paths(source):
+        yield from scan_file(source, path, stats, max_caption_chars)
 
 
 def _valid_header(buf: bytes) -> bool:
@@ -133,8 +148,12 @@ def _clean_end(f: BinaryIO, pos: int, size: int) -> bool:
 
 
 def _members(path: str, stats: ScanStats, source_name: str) -> Iterator[tuple[tarfile.TarFile, tarfile.TarInfo]]:
-    size = os.path.getsize(path)
-    raw = open(path, "rb")
+    try:
+        raw = open_regular(path)
+        size = os.fstat(raw.fileno()).st_size
+    except OSError as exc:  # permissions, or replaced since it was checked
+        stats.add_file("unreadable_file", f"source {source_name}: {path}: {exc.strerror or exc}")
+        return
     try:
         compressed = raw.read(6).startswith(_COMPRESSED_MAGIC)
         raw.seek(0)
