@@ -252,3 +252,36 @@ def test_unwritable_output_fails_clearly_and_keeps_the_previous_export(sample_ro
     assert rc == 1, log
     assert "build failed: bucket_shards" in log and ("Permission denied" in log or "Operation not permitted" in log), log
     _assert_intact(export, shards, manifest)
+
+
+def _scan_parts(work: Path) -> dict[str, tuple[int, int, int, int]]:
+    """Committed scan-cache parts: summary path -> inode and mtime of it and of its fragment."""
+    out = {}
+    for j in sorted((work / "scan").rglob("*.json")) if (work / "scan").is_dir() else []:
+        frag, js = j.with_suffix(".parquet").stat(), j.stat()
+        out[str(j.relative_to(work))] = (js.st_ino, js.st_mtime_ns, frag.st_ino, frag.st_mtime_ns)
+    return out
+
+
+def test_kill_during_a_file_scan_resumes_without_rescanning_finished_units(sample_root, tmp_path, reference):
+    """SIGKILL at the 3rd record of the folder source (the last unit; two pool workers): the
+    units committed before it are reused as they are (same files), the rest is scanned, and the
+    export equals an uninterrupted build's."""
+    spec = _spec(sample_root, tmp_path)
+    work = tmp_path / "work"
+    rc, log = _finish(_start(spec, "kill:scan=folder@3"))
+    assert rc == -signal.SIGKILL, f"the build was not killed (rc {rc}):\n{log}"
+    before = _scan_parts(work)
+    assert before, "no unit was committed before the kill"
+    assert not [k for k in before if k.startswith("scan/folder/")]  # killed mid-scan: not committed
+
+    rc, log = _finish(_start(spec))
+    assert rc == 0, log
+    after = _scan_parts(work)
+    assert {k: after.get(k) for k in before} == before  # not scanned again
+    assert len(after) == 4 and [k for k in after if k.startswith("scan/folder/")]
+    export = tmp_path / "export"
+    verify_export(export)
+    assert _shards(export) == reference["shards"]
+    assert _manifest(export) == reference["manifest"]
+    assert [p for p in work.rglob(f"{TMP_PREFIX}*")] == []
