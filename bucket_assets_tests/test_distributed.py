@@ -126,6 +126,17 @@ def test_celery_build_equals_the_single_machine_build(engine, sample_root, tmp_p
     for name in ("w1", "w2"):
         assert "succeeded" in (engine["dir"] / f"{name}.log").read_text(), f"worker {name} ran no task"
 
+    # The scan ran on the workers as well: each part's summary (written by the worker that
+    # scanned it) names a process of worker w1 or w2, and both scanned.
+    scanned = {p: p.stat().st_mtime_ns for p in (shared / "work" / "scan").rglob("*.json")}
+    by = {w.pid: set() for w in engine["workers"]}
+    for p in scanned:
+        pid = int(json.loads(p.read_text())["worker"].rsplit(":", 1)[1])
+        ppid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        assert ppid in by, f"{p.name} was scanned by {pid}, not a Celery worker"
+        by[ppid].add(p)
+    assert len(scanned) == 4 and all(by.values()), by
+
     # The same workers (still holding their packs open) serve the next runs: a quality change
     # re-renders everything into new packs and prunes the old ones; changing it back gives the
     # original bytes again.
@@ -139,6 +150,8 @@ def test_celery_build_equals_the_single_machine_build(engine, sample_root, tmp_p
         packs = {str(p) for p in (shared / "work" / "processed").rglob("pack-*.bin")}
         assert packs and not packs & {str(p) for p in pids_before}
         pids_before = set(packs)
+        # Nothing the scan reads changed: no part was scanned again.
+        assert {p: p.stat().st_mtime_ns for p in (shared / "work" / "scan").rglob("*.json")} == scanned
     assert _shards(shared / "export") == _shards(single / "export")
 
 
