@@ -6,7 +6,8 @@ the values a sidecar or a name can carry.
     python fuzz/fuzz_intake.py fuzz/corpus -max_total_time=600 # with a seed corpus (--make-corpus)
 
 The first input byte picks the target (its value mod 3): 0 goes to the tar reader (the rest
-written as a .tar, scanned, every record's bytes read back and probed), 1 to the image intake
+written as a .tar, scanned, every record's bytes read back and probed; then the same tar through
+the scan cache's worker task, whose fragment must hold one row per record in its schema), 1 to the image intake
 (probe, then decode), 2 to the metadata path (the rest split into a member name and a .json
 sidecar, each record finalized and turned into a raw index row that must fit the schema). The
 scan itself may not raise at all; the only allowed failures are OSError for a member that
@@ -27,10 +28,11 @@ import atheris
 
 with atheris.instrument_imports():
     import pyarrow as pa
+    import pyarrow.parquet as pq
 
     from bucket_assets.core.imaging import ImageError, decode_rgb, probe
-    from bucket_assets.core.raw_index import RAW_INDEX_SCHEMA, record_row
-    from bucket_assets.core.sources import RawRecord, ScanStats, finalize, read_bytes
+    from bucket_assets.core.raw_index import FRAGMENT_SCHEMA, RAW_INDEX_SCHEMA, ScanTask, record_row, scan_part
+    from bucket_assets.core.sources import RawRecord, ScanStats, finalize, read_bytes, stat_token
     from bucket_assets.core.sources.values import load_json_object
     from bucket_assets.core.sources.webdataset import scan
     from bucket_assets.spec import WebDatasetSource
@@ -39,6 +41,7 @@ MAX_PIXELS = 4_000_000  # small: a fuzzer must not spend its time decoding big p
 _DIR = Path(tempfile.mkdtemp(prefix="fuzz-intake-"))
 _TAR = _DIR / "00000.tar"
 _SOURCE = WebDatasetSource(name="fuzz", kind="webdataset", paths=[str(_TAR)])
+_FRAGMENT = _DIR / "scan" / "fragment.parquet"
 
 
 def _image(data: bytes) -> None:
@@ -65,6 +68,12 @@ def _tar(data: bytes) -> None:
             _image(read_bytes(r.location, r.member, r.offset, r.size))
         except OSError:
             pass
+    summary = scan_part(ScanTask(source=_SOURCE.model_dump(mode="json"), unit=str(_TAR), fingerprint=stat_token(str(_TAR)),
+                                 start=0, stop=None, max_chars=1000, max_pixels=MAX_PIXELS, fragment=str(_FRAGMENT)))
+    assert summary["error"] is None and summary["stable"] and summary["rows"] == len(records), summary
+    fragment = pq.read_table(_FRAGMENT)
+    assert fragment.schema.equals(FRAGMENT_SCHEMA) and fragment.num_rows == len(records)
+    assert fragment.column("image_id").to_pylist() == [r.image_id for r in records]  # finalized by _rows
 
 
 def _metadata(data: bytes) -> None:
