@@ -35,30 +35,30 @@ Per size, in one run, on the same work dir / export / DAGSTER_HOME:
 Before the sizes, a tiny clean build (--tiny, 200 images) measures the fixed start-up cost; it runs
 --tiny-repeat times (3), each from scratch, and the median counts (the first pays for cold caches).
 
-Per build: wall time of `bucket-assets build` (a subprocess, cwd = the run dir, DAGSTER_HOME of
-its own); its CPU seconds (user + sys of the build and the descendants it waited for, from
-getrusage: less disturbed by other load than wall time; reported, no target); per-stage seconds from the run's event log in that instance (STEP_START to
-STEP_SUCCESS of each step key; `other` is filtered_images, bucket_assignments, the caption and
-download steps; `checks` the asset-check steps; `pre`/`post` are the time from process start to
-RUN_START and from RUN_SUCCESS to exit: interpreter, imports, definitions, instance); peak RSS of
-the build's process tree (the sum of VmRSS over the build process and every descendant, read from
-/proc every 0.2 s; shared pages count once per process, as RSS does; `procs` is the most processes
-seen in one sample, so worker pools are visibly included); `bucket-assets verify` of the export
-(every JPEG decoded; not included in the wall time); the accounting identity images_seen ==
-images_exported + every skipped_* + decode_errors + encode_errors from manifest.json's summary,
-and images_seen == the samples in the source tars now; the build's own counters from its
-materialization metadata (raw_index units_scanned / units_reused / units_removed,
-processed_images run_rendered / run_reused, bucket_shards run_shards_unchanged /
-run_shards_built / run_files_rewritten; n/a when the build does not report them). Shard files (the
-paths the manifest lists) are stat'ed before and after every rebuild: a shard whose content did not change (same path and
-sha256 in the old and new manifest) must keep its inode and mtime; changed = sha256 differs or the
-path is new. After (d), the keys in the export's shards (read from the tars' member names) must be
-exactly those before (d) minus the removed tar's keys, the manifest's samples_exported must drop
-by exactly the number of that tar's samples that were exported, and neither raw_index nor
-shard_samples in the metadata DB (work_dir/metadata.duckdb) may hold any of its ids (n/a when a
-table is not there; the export's shards still decide). After (c), the keys must be those
-before plus some ids of the added tar and nothing else, and samples_exported must grow by exactly
-that many.
+Per build: wall time of `bucket-assets build` (a subprocess, cwd = the run dir, DAGSTER_HOME of its
+own); its CPU seconds (user + sys of the build and the descendants it waited for, from getrusage;
+reported, no target); per-stage seconds from the run's event log in that instance
+(`DagsterInstance.from_config(home).all_logs(run_id)`: STEP_START to STEP_SUCCESS of each step key;
+`other` is filtered_images, bucket_assignments, the caption and download steps; `checks` the
+asset-check steps; `pre`/`post` are the time from process start to RUN_START and from RUN_SUCCESS
+to exit: interpreter, imports, definitions, instance); peak RSS of the build's process tree (the
+sum of VmRSS over the build process and every descendant, read from /proc every 0.2 s; shared pages
+count once per process, as RSS does; `procs` is the most processes seen in one sample, so worker
+pools are visibly included); `bucket-assets verify` of the export (every JPEG decoded; not included
+in the wall time); the accounting identity images_seen == images_exported + every skipped_* +
+decode_errors + encode_errors from manifest.json's summary, and images_seen == the samples in the
+source tars now; the build's own counters from its materialization metadata (raw_index
+units_scanned / units_reused / units_removed, processed_images run_rendered / run_reused,
+bucket_shards run_shards_unchanged / run_shards_built / run_files_rewritten; n/a when the build
+does not report them). Shard files (the paths the manifest lists) are stat'ed before and after
+every rebuild: a shard whose content did not change (same path and sha256 in the old and new
+manifest) must keep its inode and mtime; changed = sha256 differs or the path is new. After (d),
+the keys in the export's shards (read from the tars' member names) must be exactly those before (d)
+minus the removed tar's keys, the manifest's samples_exported must drop by exactly the number of
+that tar's samples that were exported, and neither raw_index nor shard_samples in the metadata DB
+(work_dir/metadata.duckdb) may hold any of its ids (n/a when a table is not there; the export's
+shards still decide). After (c), the keys must be those before plus some ids of the added tar and
+nothing else, and samples_exported must grow by exactly that many.
 
 Targets (PASS/FAIL; exit 1 on any FAIL unless --no-fail). N0 is the smallest size (10,000), N1
 the second (100,000), N2 a third (1,000,000):
@@ -86,6 +86,10 @@ the targets then read "10,000" as one tar's worth); `--shard-samples 10` makes b
 shards at that size, so the inode/mtime check has unchanged shards to look at; `--from-json FILE`
 re-evaluates a saved --out file. Needs what the build needs (this venv's `bucket-assets`) and
 scikit-image's photos; no psutil.
+
+Cost (2 cores): generating takes ~1.7 ms per image per core (1,000,000 in ~15 min); a sample is
+~15 KB in the corpus and ~25 KB in a run (store + export), so 1,000,000 needs ~15 GB for the
+corpus plus ~25 GB while its size runs. 10,000 + 100,000 with today's build: roughly 30-60 min.
 """
 
 from __future__ import annotations
@@ -674,7 +678,8 @@ def evaluate(res: dict) -> list[dict]:
             zs = slope(z0, lo, z1, hi)
         ratio = zs / cs if zs is not None and cs and cs > 0 else None  # cs <= 0 is noise: no verdict
         add(f"no-op marginal cost <= 3 % of the clean build's ({lo:,} to {hi:,})", ratio is not None and ratio <= 0.03,
-            num("{:.2f} % ({:.3f} vs {:.3f} ms/img)", ratio and 100 * ratio, zs and 1e3 * zs, cs and 1e3 * cs))
+            num("{:.2f} % ({:.3f} vs {:.3f} ms/img)", ratio and 100 * ratio, zs and 1e3 * zs, cs and 1e3 * cs)
+            if ratio is not None else num("n/a: the clean slope is not positive ({:.3f} ms/img), rerun", cs and 1e3 * cs))
     d["clean_slope_s_per_img"], d["noop_slope_s_per_img"] = cs, zs
     for label in ("clean", "noop"):  # the same slopes in CPU seconds (no target)
         r0, r1 = S.get(lo, {}).get(label), S.get(hi, {}).get(label)
@@ -684,12 +689,14 @@ def evaluate(res: dict) -> list[dict]:
     # Adding one tar to the largest corpus vs a clean build of that many images.
     ref = wall(per_tar, "clean") if per_tar in S else (fixed + per_tar * marg[n0] if fixed is not None else None)
     a = wall(hi, "add")
-    by_slope = per_tar * (cs if cs is not None else marg[n0]) if (cs or marg[n0]) else None
+    base = cs if cs is not None else marg[n0]
+    by_slope = per_tar * base if base is not None and base > 0 else None
     d["add_s"], d["add_ref_clean_s"], d["add_ref_marginal_s"] = a, ref, by_slope
     ratio = a / ref if a is not None and ref else None
     add(f"adding {per_tar:,} images to {hi:,} <= 1.5x a clean build of {per_tar:,}", ratio is not None and ratio <= 1.5,
         num("{:.2f}x ({:.1f}s vs {:.1f}s)", ratio, a, ref)
-        + num("; vs {:,} x the clean slope = {:.1f}s: {:.2f}x", per_tar, by_slope, a and by_slope and a / by_slope))
+        + (num("; vs {:,} x the clean slope = {:.1f}s: {:.2f}x", per_tar, by_slope, a and by_slope and a / by_slope)
+           if by_slope else "; the clean slope is not positive, no marginal-based figure"))
 
     # Correctness.
     def per_size(label: str, part: str, fmt) -> tuple[bool, str]:
@@ -722,17 +729,18 @@ def evaluate(res: dict) -> list[dict]:
     if len(sizes) >= 2:
         n1 = sizes[1]
         # A slope that is not positive is noise (a slow start-up build), not a cost: no verdict.
-        g = marg[n1] / marg[n0] - 1 if marg[n0] and marg[n0] > 0 and marg[n1] is not None else None
+        pos = marg[n0] is not None and marg[n0] > 0 and marg[n1] is not None and marg[n1] > 0
+        g = marg[n1] / marg[n0] - 1 if pos else None
         c1 = wall(n1, "clean")
         avg = (c1 - fixed) / n1 if c1 is not None and fixed is not None else None
         d["per_image_after_startup_s"] = {str(n0): marg[n0], str(n1): avg}
         add(f"clean marginal cost growth {n0:,} to {n1:,} <= 10 %", g is not None and g <= 0.10,
-            (num("{:+.1f} %", g and 100 * g) if g is not None else "n/a (the first slope is not positive: rerun)")
+            (num("{:+.1f} %", g and 100 * g) if g is not None else "n/a (a slope is not positive: rerun)")
             + num(" ({:.3f} -> {:.3f} ms/img", marg[n0] and 1e3 * marg[n0], marg[n1] and 1e3 * marg[n1])
             + num("; averaged over {:,} after {:.1f}s start-up: {:.3f} ms/img", n1, fixed, avg and 1e3 * avg)
-            + (num(", {:+.1f} %", 100 * (avg / marg[n0] - 1)) if avg and marg[n0] and marg[n0] > 0 else "") + ")")
+            + (num(", {:+.1f} %", 100 * (avg / marg[n0] - 1)) if pos and avg and avg > 0 else "") + ")")
         for n in sizes[2:]:
-            g2 = marg[n] / marg[n0] - 1 if marg[n0] and marg[n0] > 0 and marg[n] is not None else None
+            g2 = marg[n] / marg[n0] - 1 if marg[n0] and marg[n0] > 0 and marg[n] and marg[n] > 0 else None
             d.setdefault("marginal_growth", {})[str(n)] = g2
     return targets
 
