@@ -299,7 +299,7 @@ def test_a_file_that_changes_while_it_is_scanned_is_not_cached(tmp_path, monkeyp
     touched = []
 
     def probe_and_touch(task):
-        if task[0] == str(target) and not touched:  # the tar is rewritten under the scan
+        if task[0] == str(target) and not touched:  # the file is rewritten under the scan
             touched.append(1)
             st = target.stat()
             os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
@@ -316,6 +316,20 @@ def test_a_file_that_changes_while_it_is_scanned_is_not_cached(tmp_path, monkeyp
     out, again = _build(spec)
     assert _counts(out) == (1, 5, 0) and out.units_changed_while_scanned == 0 and again == rows
     assert len(list(scan.glob("*.json"))) == 3
+
+    # A folder image rewritten while its directory is scanned: that part is not kept either.
+    image = raw / "folder" / "sub" / "s1.jpg"
+    touched.clear()
+    target = image
+
+    monkeypatch.setattr(raw_index, "_probe_task", probe_and_touch)
+    (raw / "folder" / "sub" / "s9.jpg").write_bytes(_jpeg(400))  # the directory changed: scanned again
+    out, rows = _build(spec)
+    assert touched and out.units_changed_while_scanned == 1 and _counts(out) == (1, 5, 0)
+    assert any("sub changed while it was scanned" in n for n in out.stats.notes)
+    monkeypatch.setattr(raw_index, "_probe_task", probe)
+    out, again = _build(spec)
+    assert _counts(out) == (1, 5, 0) and again == rows
 
 
 def test_a_half_written_or_uncommitted_fragment_is_never_used(tmp_path):

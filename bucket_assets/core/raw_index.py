@@ -17,6 +17,7 @@ import os
 import socket
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 import pyarrow as pa
@@ -25,7 +26,7 @@ import pyarrow.parquet as pq
 from bucket_assets.core.atomic import atomic_write_text, atomic_writer
 from bucket_assets.core.failpoints import failpoint
 from bucket_assets.core.imaging import ImageError, probe
-from bucket_assets.core.sources import RawRecord, ScanStats, finalize, read_bytes
+from bucket_assets.core.sources import RawRecord, ScanStats, finalize, read_bytes, stat_token
 from bucket_assets.core.sources.parquet import SourceError
 from bucket_assets.spec import FolderSource, ParquetSource, Source, Spec, UrlSource, WebDatasetSource
 
@@ -135,7 +136,7 @@ class ScanTask:
 
     source: dict  # the source's spec (model_dump(mode="json"))
     unit: str  # the tar, the parquet file, the folder directory or the URL metadata file
-    fingerprint: str  # unit_fingerprint as the coordinator saw it
+    fingerprint: str  # the unit's state as the coordinator listed it (ScanCache.units)
     start: int  # records [start, stop) of the unit (stop None: to the end)
     stop: int | None
     max_chars: int
@@ -165,17 +166,19 @@ def parse_source(d: dict) -> Source:
     return _ADAPTER.validate_python(d)
 
 
-def unit_fingerprint(source: Source, unit: str) -> str:
-    """What a unit's records depend on, from stat and directory listings only (nothing is opened)."""
-    from bucket_assets.core.sources import folder, parquet, urls, webdataset
+def _unit_token(source: Source, unit: str) -> str:
+    """The cheap part of a unit's state a worker takes before and after its scan: the lstat of
+    the tar, the URL file, the parquet file, or of the folder directory itself. (A folder's or
+    image dir's full digest lists every entry, which each part would pay for; the files a part
+    reads are checked one by one instead.)"""
+    return stat_token(source.path if isinstance(source, ParquetSource) else unit)
 
-    if isinstance(source, WebDatasetSource):
-        return webdataset.fingerprint(unit)
-    if isinstance(source, ParquetSource):
-        return parquet.fingerprint(source)
+
+def _listed_token(source: Source, fingerprint: str) -> str | None:
+    """What _unit_token must equal in the coordinator's fingerprint (None: not part of it)."""
     if isinstance(source, FolderSource):
-        return folder.fingerprint(source, unit)
-    return urls.fingerprint(unit)
+        return None
+    return fingerprint.split("|", 1)[0]  # the parquet file's part; the whole of a tar's or URL file's
 
 
 def downloads_digest(rows: Iterable[dict]) -> list[str]:
@@ -236,21 +239,27 @@ def unit_rows(source: Source, unit: str) -> int | None:
 def scan_part(task: ScanTask) -> dict:
     """Scan one part, probe its images, write its fragment and commit it with its summary.
 
-    The unit's fingerprint is taken before and after; a part whose unit changed meanwhile (or
-    since the coordinator listed it) is not committed: its fragment is moved to its
-    `.unstable.parquet` name, used by this build only, and the part is scanned again next time.
+    The unit's file (or directory) is stat'ed before and after, and so is every plain file the
+    part reads; a part whose input changed meanwhile (or since the coordinator listed it) is not
+    committed: its fragment is moved to its `.unstable.parquet` name, used by this build only,
+    and the part is scanned again next time. (A committed part is only ever reused under the
+    fingerprint the coordinator listed before the scan, so a change the worker cannot see still
+    gives the next build another key.)
     Returns the summary (rows, skip counts, file-level skips, a bounded list of notes, the
     fingerprint seen), or one with `error` for a source that cannot be read at all."""
     from bucket_assets.core.sources import urls
 
     source = parse_source(task.source)
-    before = unit_fingerprint(source, task.unit)
+    before = _unit_token(source, task.unit)
+    listed = _listed_token(source, task.fingerprint)
     stats = ScanStats()
     summary: dict = {"version": SCAN_VERSION, "source": source.name, "unit": task.unit, "start": task.start,
                      "stop": task.stop, "worker": f"{socket.gethostname()}:{os.getpid()}", "error": None}
     context = os.path.basename(task.unit)
     downloads, digest = {}, None
     n = 0
+    read: list[tuple[str, str]] = []  # plain files read (images, folder sidecars) and their lstat then
+    plain = isinstance(source, (FolderSource, ParquetSource))
     try:
         if isinstance(source, UrlSource):
             downloads, digest = read_downloads(task.downloads, urls.file_ids(source, task.unit, task.start, task.stop))
@@ -262,6 +271,11 @@ def scan_part(task: ScanTask) -> dict:
                     row = record_row(0, rec, source.kind)
                     del row["row_id"]
                     if rec.issue is None:
+                        if plain:
+                            read.append((rec.location, stat_token(rec.location)))
+                            if rec.caption_field == "txt":
+                                side = str(Path(rec.location).with_suffix(".txt"))
+                                read.append((side, stat_token(side)))
                         row.update(_probe_task((rec.location, rec.member, rec.offset, rec.size, task.max_pixels)))
                     row["dup_issue_detail"], row["dup_notes"] = dup_detail, dup_notes
                     batch.append(row)
@@ -277,8 +291,9 @@ def scan_part(task: ScanTask) -> dict:
         rows_in_unit = unit_rows(source, task.unit)
     except SourceError as exc:
         return {**summary, "error": str(exc)}
-    after = unit_fingerprint(source, task.unit)
-    stable = before == task.fingerprint == after
+    after = _unit_token(source, task.unit)
+    stable = (before == after and listed in (None, before)
+              and all(stat_token(path) == token for path, token in read))
     summary.update(rows=n, counts=stats.counts, files=stats.files, notes=stats.notes, seen=after, stable=stable,
                    unit_rows=rows_in_unit, downloads_digest=digest)
     if stable:

@@ -53,7 +53,7 @@ from bucket_assets.core.raw_index import (
     RAW_INDEX_SCHEMA, SCAN_VERSION, DuplicateIdError, ScanTask, downloads_digest, scan_skips_table, summary_path,
     unstable_path,
 )
-from bucket_assets.core.sources import MAX_NOTES, ScanStats, stat_token
+from bucket_assets.core.sources import MAX_NOTES, ScanStats
 from bucket_assets.core.sources.parquet import SourceError, num_rows
 from bucket_assets.spec import FolderSource, ParquetSource, Source, Spec, UrlSource, WebDatasetSource
 
@@ -173,7 +173,7 @@ class ScanCache:
 
         if isinstance(source, WebDatasetSource):
             for path in webdataset.unit_paths(source):
-                yield path, stat_token(path), None
+                yield path, webdataset.fingerprint(path), None
         elif isinstance(source, ParquetSource):
             yield source.path, parquet.fingerprint(source), None
         elif isinstance(source, FolderSource):
@@ -182,7 +182,7 @@ class ScanCache:
                     yield d, state.token, state.candidates
         else:
             for path in urls.files(source):
-                yield path, stat_token(path), None
+                yield path, urls.fingerprint(path), None
 
     def _ranges(self, source: Source, unit: str, part0: Callable[[int, int | None], Path | None],
                 records: int | None) -> list[tuple[int, int | None]]:

@@ -33,10 +33,6 @@ def walk_dirs(source: FolderSource) -> Iterator[tuple[str, DirState]]:
         stack.extend(os.path.join(d, name) for name in reversed(state.subdirs))
 
 
-def fingerprint(source: FolderSource, dirpath: str) -> str:
-    return dir_state(dirpath, extensions(source)).token
-
-
 def _files(dirpath: str) -> list[str]:
     """os.walk's non-directory names of one directory (nothing if it cannot be listed)."""
     names = []
