@@ -221,7 +221,7 @@ class StoreRun:
             prev = ", ".join(f'r."{c}" AS "prev_{c}"' for c, _ in _RESULT_COLUMNS)
             con.execute(
                 f"""COPY (
-                    WITH plan AS MATERIALIZED ({PLAN_SQL}),
+                    WITH plan AS ({PLAN_SQL}),
                     cand AS ({" UNION ALL ".join(cand)}),
                     reusable AS (
                         SELECT c.* FROM cand c
@@ -232,7 +232,6 @@ class StoreRun:
                     )
                     SELECT p.*, r.key IS NOT NULL AS reuse, {prev}
                     FROM plan p LEFT JOIN reusable r ON r.bucket_id = p.bucket_id AND r.key = p.key
-                    ORDER BY p.bucket_id, p.key
                 ) TO $out (FORMAT parquet, ROW_GROUP_SIZE {self.batch_rows})""",
                 {"buckets": self.buckets, "out": str(self.decided), **fingerprint_params(self.params)},
             )
@@ -355,7 +354,7 @@ class StoreRun:
                 _ensure_table(con)
                 con.execute(f'DELETE FROM "{TABLE}" WHERE list_contains($buckets, bucket_id)', {"buckets": self.buckets})
                 if params["src"]:
-                    con.execute(f'INSERT INTO "{TABLE}" BY NAME SELECT * FROM ({rows}) ORDER BY bucket_id, key', params)
+                    con.execute(f'INSERT INTO "{TABLE}" BY NAME SELECT * FROM ({rows})', params)
             for b in self.buckets:
                 journal_path(self.processed_dir, b).unlink(missing_ok=True)
             self.prune(con)
@@ -483,7 +482,9 @@ def _insert(con, table: str, batch: pa.Table) -> None:
 
 
 def _read_rows(path: Path, batch_rows: int) -> Iterator[dict]:
-    with pq.ParquetFile(path) as f:
+    # pre_buffer (pyarrow's default) keeps what it read ahead for the whole file: memory that
+    # followed the file's length.
+    with pq.ParquetFile(path, pre_buffer=False) as f:
         for batch in f.iter_batches(batch_size=batch_rows):
             yield from batch.to_pylist()
 

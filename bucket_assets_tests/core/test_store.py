@@ -29,7 +29,14 @@ from bucket_assets.core.processing import (
     journal_path,
     render,
 )
-from bucket_assets.core.store import FINGERPRINT_SQL, STAGING_PREFIX, ImageStore, fingerprint_params, packs_on_disk
+from bucket_assets.core.store import (
+    BATCH_ROWS,
+    FINGERPRINT_SQL,
+    STAGING_PREFIX,
+    ImageStore,
+    fingerprint_params,
+    packs_on_disk,
+)
 
 PARAMS = RenderParams("reencode_jpeg", 90, "adaptive_scale", 0.85, 10**8)
 BUCKETS = ["p32x24", "p24x32"]
@@ -291,6 +298,19 @@ def test_python_memory_does_not_follow_the_dataset(tmp_path):
     large = _python_peak(_synthetic(tmp_path / "large", 10_000, 256))
     for s, l in zip(small, large):
         assert l < 1.5 * s + 200_000, (small, large)  # a dict per sample would add ~10 MB
+
+
+def test_plan_and_commit_spill_under_the_smallest_duckdb_cap(tmp_path):
+    """80,000 samples need more than DuckDB's 64 MB (the spec's smallest metadata.memory_limit)
+    to plan and commit in memory: they spill instead of failing."""
+    store = _synthetic(tmp_path, 80_000, BATCH_ROWS)
+    db = tmp_path / "work" / "metadata.duckdb"
+    store.connect = lambda: connect(db, "64MB")
+    for rendered in (80_000, 0):
+        with store.run(BUCKETS, PARAMS, "t") as run:
+            run.render(Inline(_failed))
+            done = run.finish()
+        assert (done.samples, done.rendered) == (80_000, rendered)
 
 
 def test_compaction_copies_streamed_rows_in_key_order(tmp_path):
