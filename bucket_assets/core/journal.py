@@ -4,6 +4,7 @@ process, which the kernel survives); a line torn by a kill is skipped when read 
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from typing import IO, Iterator
@@ -28,3 +29,11 @@ def read_rows(path: str | os.PathLike) -> Iterator[dict]:
                 continue
             if isinstance(row, dict):
                 yield row
+
+
+def read_batches(path: str | os.PathLike, size: int) -> Iterator[list[dict]]:
+    """read_rows in lists of at most `size` rows: a journal as long as a dataset is loaded
+    without holding it whole."""
+    rows = read_rows(path)
+    while batch := list(itertools.islice(rows, size)):
+        yield batch

@@ -7,7 +7,8 @@ to an open file instead of creating one file per image saves a file create and r
 (the largest cost left after the codec) and keeps millions of tiny files off the work disk.
 A record becomes part of the store only once its row is journaled or committed, after its bytes
 were written, so a half-written tail left by a kill is never read; packs no committed row
-references are deleted, and packs mostly made of replaced records are compacted (images.py).
+references are deleted, and packs mostly made of replaced records are compacted (the run's
+lifecycle, in DuckDB and in bounded batches, is core/store.py).
 A rebuild re-renders only samples whose fingerprint changed or whose record is gone, and
 re-sharding after a caption change reads these bytes without decoding or encoding anything.
 
@@ -25,6 +26,9 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable, Iterator
+
+import pyarrow as pa
 
 from bucket_assets.core.atomic import atomic_writer
 from bucket_assets.core.failpoints import failpoint
@@ -88,15 +92,47 @@ class RenderTask:
     store_token: str = ""
 
     def fingerprint(self) -> str:
-        d = {
-            "v": RENDER_VERSION,
-            "src": self.source_sha256,
-            "plan": [self.resized_w, self.resized_h, self.crop_left, self.crop_top, self.target_w, self.target_h],
-            "params": [self.params.mode, self.params.quality, self.params.subsampling, self.params.adaptive_threshold,
-                       self.params.blank_std] + ([True] if self.params.dct_downscale else []),
-        }
-        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
+        plan = [self.resized_w, self.resized_h, self.crop_left, self.crop_top, self.target_w, self.target_h]
+        return hashlib.sha256(_fingerprint_text(self.source_sha256, plan, self.params).encode()).hexdigest()
 
+
+def _fingerprint_text(src, plan: list, params: RenderParams) -> str:
+    """What a fingerprint hashes: the inputs that decide a sample's bytes, as sorted-key JSON."""
+    d = {
+        "v": RENDER_VERSION,
+        "src": src,
+        "plan": plan,
+        "params": [params.mode, params.quality, params.subsampling, params.adaptive_threshold,
+                   params.blank_std] + ([True] if params.dct_downscale else []),
+    }
+    return json.dumps(d, sort_keys=True)
+
+
+_PLAN_SLOT, _SRC_SLOT = "\x00plan", "\x00src"
+
+
+def fingerprint_template(params: RenderParams) -> tuple[str, str, str]:
+    """The fingerprint text of these parameters cut around its two per-sample parts, so SQL can
+    build the same text (and so the same sha256) for every planned row: (text before the plan's
+    six numbers, text between them and the source's JSON string, text after it). The numbers
+    are joined by ", " and the source is a JSON string or null, as json.dumps writes them."""
+    text = _fingerprint_text(_SRC_SLOT, [_PLAN_SLOT], params)
+    head, plan, rest = text.partition(json.dumps(_PLAN_SLOT))
+    mid, src, tail = rest.partition(json.dumps(_SRC_SLOT))
+    if not (plan and src):  # the document's key order changed: SQL would hash another text
+        raise AssertionError(f"fingerprint text {text!r} does not have the plan before the source")
+    return head, mid, tail
+
+
+# The store's rows in processed_images (core/shards.py's sample plan and the checks read them),
+# one per planned sample: render() returns one, the journal holds them until they are committed.
+PROCESSED_SCHEMA = pa.schema(
+    [
+        ("image_id", pa.string()), ("bucket_id", pa.string()), ("key", pa.string()), ("path", pa.string()),
+        ("pack_offset", pa.int64()), ("fingerprint", pa.string()), ("status", pa.string()), ("error", pa.string()), ("bytes", pa.int64()),
+        ("sha256", pa.string()), ("width", pa.int32()), ("height", pa.int32()), ("subsampling", pa.int8()),
+    ]
+)
 
 JOURNAL_NAME = ".journal.jsonl"
 PACK_PREFIX = "pack-"
@@ -136,8 +172,7 @@ class _Pack:
     def __init__(self, directory: str, token: str = ""):
         self.token = token
         os.makedirs(directory, exist_ok=True)
-        name = f"{PACK_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:12]}{PACK_SUFFIX}"
-        self.path = os.path.join(directory, name)
+        self.path = new_pack_path(directory)
         self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o644)
         self.size = 0
 
@@ -187,47 +222,35 @@ def close_store_packs(directory: str | None = None) -> None:
             os.close(pack.fd)
 
 
-def record_present(path: str | None, offset: int | None, size: int | None, sizes: dict[str, int] | None = None) -> bool:
-    """The record's bytes lie within its pack (`sizes` caches pack sizes across calls)."""
-    if path is None or offset is None or size is None:
-        return False
-    if sizes is not None and path in sizes:
-        total = sizes[path]
-    else:
-        try:
-            total = os.path.getsize(path)
-        except OSError:
-            total = -1
-        if sizes is not None:
-            sizes[path] = total
-    return offset + size <= total
-
-
-def needs_compaction(rows: list[dict], pack_sizes: dict[str, int], max_packs: int = 256) -> bool:
-    """A bucket's packs are compacted when replaced records fill more than half of them, or
-    when incremental runs have left more than `max_packs` packs."""
-    live = sum(r["bytes"] for r in rows if r.get("status") == "ok")
-    total = sum(pack_sizes.values())
-    if live == 0:
+def needs_compaction(live_bytes: int, pack_bytes: int, packs: int, max_packs: int = 256) -> bool:
+    """A bucket's packs are compacted when replaced records fill more than half of them (its
+    committed records hold `live_bytes` of the `pack_bytes` its `packs` packs take), or when
+    incremental runs have left more than `max_packs` packs."""
+    if live_bytes <= 0:
         return False  # nothing to keep: pruning removes every pack
-    return len(pack_sizes) > max_packs or total > 2 * live
+    return packs > max_packs or pack_bytes > 2 * live_bytes
 
 
-def compact(directory: str, rows: list[dict]) -> list[dict]:
-    """Copy the live records of `rows` (one bucket, in row order) into one new pack, written
-    atomically; returns the rows pointing into it. The old packs stay until pruned after the
-    new rows are committed, so a kill here loses nothing."""
-    out, offset = [], 0
-    path = os.path.join(directory, f"{PACK_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:12]}{PACK_SUFFIX}")
+def new_pack_path(directory: str) -> str:
+    return os.path.join(directory, f"{PACK_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:12]}{PACK_SUFFIX}")
+
+
+def compact(directory: str, rows: Iterable[dict]) -> Iterator[dict]:
+    """Copy the live records of `rows` (one bucket, read in the order given, e.g. streamed from
+    a query in key order) into one new pack; yields each row pointing into it (a row that is
+    not `ok` as it is). The pack is written atomically: it appears under its name once the rows
+    are exhausted, so consume them all before recording them. The old packs stay until pruned
+    after the new rows are committed, so a kill here loses nothing."""
+    offset = 0
+    path = new_pack_path(directory)
     with StoreReader() as reader, atomic_writer(path, durable=False) as f:
         for r in rows:
             if r.get("status") != "ok":
-                out.append(r)
+                yield r
                 continue
             f.write(reader.read(r["path"], r["pack_offset"], r["bytes"]))
-            out.append({**r, "path": path, "pack_offset": offset})
+            yield {**r, "path": path, "pack_offset": offset}
             offset += r["bytes"]
-    return out
 
 
 class StoreReader:
@@ -259,7 +282,8 @@ class StoreReader:
 
 
 def read_journal(path: str | os.PathLike) -> dict[str, dict]:
-    """key -> latest result row journaled for it."""
+    """key -> latest result row journaled for it (for inspection: the store loads journals into
+    DuckDB in batches, core/store.py)."""
     return {row["key"]: row for row in read_rows(path) if isinstance(row.get("key"), str)}
 
 

@@ -17,7 +17,6 @@ from bucket_assets.core.processing import (
     compact,
     is_pack,
     needs_compaction,
-    record_present,
     render,
 )
 
@@ -50,17 +49,11 @@ def test_a_closed_pack_is_never_appended_to_again(tmp_path):
     assert open(first, "rb").read() == b"one"
 
 
-def test_record_present_checks_the_pack_holds_the_whole_record(tmp_path):
+def test_a_truncated_record_does_not_read_back(tmp_path):
     p, o = append_to_store(str(tmp_path), b"0123456789", "k.jpg")
     close_store_packs()
-    assert record_present(p, o, 10)
-    assert not record_present(p, o, 11)
-    assert not record_present(p, None, 10) and not record_present(None, 0, 10)
-    assert not record_present(str(tmp_path / "gone.bin"), 0, 1)
     with open(p, "r+b") as f:
         f.truncate(5)
-    sizes: dict[str, int] = {}
-    assert not record_present(p, o, 10, sizes) and sizes == {p: 5}
     with pytest.raises(OSError, match="truncated"):
         StoreReader().read(p, o, 10)
 
@@ -80,12 +73,17 @@ def test_compaction_keeps_live_records_in_row_order_in_one_new_pack(tmp_path):
     close_store_packs()
     rows.append({"key": "bad", "status": "decode_error", "path": None, "pack_offset": None, "bytes": None})
     sizes = {os.path.join(d, n): os.path.getsize(os.path.join(d, n)) for n in os.listdir(d)}
-    assert not needs_compaction(rows, sizes)  # 615 bytes hold 459 live ones
-    assert needs_compaction(rows, {**sizes, "x": 10_000})
-    assert needs_compaction(rows, {f"p{i}": 1 for i in range(257)})
-    assert not needs_compaction([rows[-1]], sizes)  # nothing live: pruning removes it all
+    live = sum(r["bytes"] for r in rows if r["status"] == "ok")
+    assert not needs_compaction(live, sum(sizes.values()), len(sizes))  # 615 bytes hold 459 live ones
+    assert needs_compaction(live, sum(sizes.values()) + 10_000, len(sizes) + 1)
+    assert needs_compaction(live, 257, 257)
+    assert not needs_compaction(0, sum(sizes.values()), len(sizes))  # nothing live: pruning removes it all
 
-    out = compact(d, rows)
+    moved = compact(d, iter(rows))
+    out = [next(moved)]
+    # The new pack appears under its name only once every row is through.
+    assert not [n for n in os.listdir(d) if is_pack(n) and os.path.join(d, n) not in sizes]
+    out += list(moved)
     assert out[-1] == rows[-1]
     assert len({r["path"] for r in out[:-1]}) == 1 and out[0]["path"] not in sizes
     assert [r["pack_offset"] for r in out[:-1]] == [0, 50, 100, 150, 253, 357]
