@@ -366,3 +366,44 @@ def test_write_buckets_refuses_a_plan_out_of_bucket_order(tmp_path):
         write_buckets(tmp_path / "a", ["p32x32", "p32x64"], iter(rows[:1] + rows[2:] + rows[1:2]), {}, 3, 10**9)
     with pytest.raises(ValueError, match="not requested"):
         write_buckets(tmp_path / "a", ["p32x32"], iter(rows), {}, 3, 10**9)
+
+
+def _lazy_rows(pack: Path, n: int):
+    """n plan rows of one bucket over a pack of n 300-byte records, made as they are read."""
+    import hashlib
+
+    with open(pack, "wb") as f:
+        for i in range(n):
+            f.write(i.to_bytes(4, "big") * 75)
+
+    def rows():
+        for i in range(n):
+            data = i.to_bytes(4, "big") * 75
+            yield {"bucket_id": "p32x32", "key": f"k{i:07d}", "image_id": f"i{i}", "path": str(pack), "pack_offset": 300 * i,
+                   "jpg_bytes": 300, "jpg_sha256": hashlib.sha256(data).hexdigest(), "text": f"caption {i}",
+                   "caption_variant": "alt_text", "caption_selector_index": 0, "caption_source_id": 1, "source": "s",
+                   "src_w": 64, "src_h": 64, "target_w": 32, "target_h": 32, "url": None, "similarity": None,
+                   "nsfw": None, "license": None}
+
+    return rows
+
+
+def test_write_buckets_memory_follows_the_shard_not_the_bucket(tmp_path):
+    import tracemalloc
+
+    from bucket_assets.defs.assets.export import write_buckets
+
+    peaks = {}
+    for n in (2_000, 20_000):
+        rows = _lazy_rows(tmp_path / f"pack-{n}.bin", n)
+        out = tmp_path / f"out-{n}"
+        tracemalloc.start()
+        run = write_buckets(out, ["p32x32"], rows(), {}, 500, 10**9)
+        _size, peaks[n] = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        assert run.built == n // 500 and sum(r["samples"] for r in run.rows) == n
+    # Ten times the samples: the peak stays near one shard's samples (the 36 more shard rows
+    # are about 1.5 kB each), far below what a list of the bucket's samples would take (each
+    # sample's .txt and .json alone are over 300 bytes).
+    assert peaks[20_000] < 1.5 * peaks[2_000], peaks
+    assert peaks[20_000] < 20_000 * 100, peaks
