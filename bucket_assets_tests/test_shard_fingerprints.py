@@ -407,3 +407,23 @@ def test_write_buckets_memory_follows_the_shard_not_the_bucket(tmp_path):
     # sample's .txt and .json alone are over 300 bytes).
     assert peaks[20_000] < 1.5 * peaks[2_000], peaks
     assert peaks[20_000] < 20_000 * 100, peaks
+
+
+def test_a_work_dir_from_before_fingerprints_compares_once_then_skips(built):
+    spec_path, export, _, _ = built
+    before = _files(export)
+    con = duckdb.connect(str(load_spec(spec_path).db_path))
+    try:
+        for col in ("fingerprint", "first_key", "last_key", "file_size", "mtime_ns", "inode"):
+            con.execute(f"ALTER TABLE shard_files DROP COLUMN {col}")
+        con.execute("ALTER TABLE shard_samples DROP COLUMN caption_source_id")
+    finally:
+        con.close()
+    result = materialize_all(spec_path)
+    assert result.success
+    meta = _shard_meta(result)
+    # Every shard is built and compared with its published file, which holds the same bytes.
+    assert meta["run_shards_built"] == len(before) and meta["run_files_rewritten"] == 0
+    assert _files(export) == before
+    assert all(r[6] and r[11] for r in _shard_files(spec_path))
+    assert _shard_meta(materialize_all(spec_path))["run_shards_unchanged"] == len(before)

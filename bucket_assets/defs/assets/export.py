@@ -53,9 +53,11 @@ SHARD_FILES_SCHEMA = pa.schema(
 # What each written sample holds of its caption, so a sensor can tell which buckets a new
 # caption selection changes without opening a shard. Derived in SQL from the run's sample plan
 # and the shards' key ranges.
-SHARD_SAMPLES_DDL = """CREATE TABLE IF NOT EXISTS shard_samples (
-    bucket_id VARCHAR, shard_index INTEGER, key VARCHAR, image_id VARCHAR, text VARCHAR,
-    caption_variant VARCHAR, caption_selector_index INTEGER, caption_source_id INTEGER)"""
+SHARD_SAMPLES_COLUMNS = (
+    ("bucket_id", "VARCHAR"), ("shard_index", "INTEGER"), ("key", "VARCHAR"), ("image_id", "VARCHAR"),
+    ("text", "VARCHAR"), ("caption_variant", "VARCHAR"), ("caption_selector_index", "INTEGER"),
+    ("caption_source_id", "INTEGER"),
+)
 SHARD_SAMPLES_SQL = """
 INSERT INTO shard_samples BY NAME
 SELECT p.bucket_id, f.shard_index, p.key, p.image_id, p.text, p.caption_variant,
@@ -160,7 +162,12 @@ def record_shards(con, bucket_ids: list[str], rows: list[dict], plan: Path | Non
     come from the plan file joined with the shards' key ranges. Returns the samples recorded."""
     with transaction(con, "shard_files"):
         replace_partitions(con, "shard_files", pa.Table.from_pylist(rows, schema=SHARD_FILES_SCHEMA), bucket_ids)
-        con.execute(SHARD_SAMPLES_DDL)
+        if not table_exists(con, "shard_samples"):
+            con.execute(f"CREATE TABLE shard_samples ({', '.join(f'{c} {t}' for c, t in SHARD_SAMPLES_COLUMNS)})")
+        have = {r[0] for r in con.execute("DESCRIBE shard_samples").fetchall()}
+        for c, t in SHARD_SAMPLES_COLUMNS:  # a work dir from an older version
+            if c not in have:
+                con.execute(f"ALTER TABLE shard_samples ADD COLUMN {c} {t}")
         con.execute("DELETE FROM shard_samples WHERE list_contains(?, bucket_id)", [bucket_ids])
         n = 0
         if plan is not None and rows:
