@@ -158,7 +158,7 @@ def _first_error(result) -> str:
     for event in result.all_events:
         if event.event_type_value == "ASSET_CHECK_EVALUATION":
             data = event.event_specific_data
-            if not data.passed:
+            if not data.passed and data.check_name in {c.split(":")[0] for c in checks}:
                 return f"check {data.check_name} failed: {data.description or ''}"
     return "run failed"
 
@@ -199,7 +199,13 @@ def cmd_build(args: argparse.Namespace) -> int:
     spec_path = resolve_spec_path(args.spec)
     os.environ[SPEC_ENV_VAR] = spec_path  # the definitions module reads its spec from here
     try:
-        spec = load_spec(spec_path)
+        from bucket_assets.definitions import OUTPUT_DIR_ENV, WORK_DIR_ENV
+        from bucket_assets.defs.resources import DatasetResource
+
+        # The dirs the build will really use ($BUCKET_ASSETS_OUTPUT_DIR / _WORK_DIR replace the
+        # spec's), so an overlap with an input is refused before any work.
+        spec = DatasetResource(spec_path=spec_path, output_dir=os.environ.get(OUTPUT_DIR_ENV) or None,
+                               work_dir=os.environ.get(WORK_DIR_ENV) or None).load()
         check_paths(spec)
     except SpecError as exc:
         return _fail(str(exc))
@@ -259,7 +265,27 @@ def _build(args: argparse.Namespace, spec, spec_path: str) -> int:
             return _fail(f"build failed: {_first_error(result)} (run {result.run_id}, DAGSTER_HOME={home})", 1)
         if failed_checks:
             return _fail(f"build finished but checks failed: {', '.join(failed_checks)} (run {result.run_id})", 1)
-    print(f"built {definitions.dataset_resource(spec_path).load().output_dir} (run {result.run_id}; DAGSTER_HOME={home})")
+    out_dir = definitions.dataset_resource(spec_path).load().output_dir
+    print(f"built {out_dir} (run {result.run_id}; DAGSTER_HOME={home})")
+    return _report(out_dir, args.strict)
+
+
+def _report(out_dir: str, strict: bool) -> int:
+    """The build's summary from the manifest it published; its warnings last, on stderr too.
+    With --strict a warning fails the build (exit 1)."""
+    from bucket_assets.core.accounting import build_report
+    from bucket_assets.core.publish import read_manifest
+
+    manifest = read_manifest(Path(out_dir) / "manifest.json")
+    if manifest is None:
+        return _fail(f"build finished but {out_dir}/manifest.json is unreadable", 1)
+    for line in build_report(manifest):
+        print(f"  {line}")
+    warnings = manifest.get("warnings") or []
+    for w in warnings:
+        print(f"bucket-assets: warning: {w}", file=sys.stderr)
+    if warnings and strict:
+        return _fail(f"{len(warnings)} warning(s) and --strict: failing the build", 1)
     return 0
 
 
@@ -288,6 +314,8 @@ def main(argv: list[str] | None = None) -> int:
     b = sub.add_parser("build", help="materialize every asset and bucket partition through Dagster")
     b.add_argument("--spec", help=f"spec YAML (default ${SPEC_ENV_VAR} or data/spec.yaml)")
     b.add_argument("-v", "--verbose", action="store_true", help="print Dagster's event log to the console")
+    b.add_argument("--strict", action="store_true",
+                   help="exit 1 when the build has warnings (a selector matching no caption variant, a rejected caption source)")
     b.set_defaults(fn=cmd_build)
     v = sub.add_parser("verify", help="check an export against its manifest")
     v.add_argument("export_dir")

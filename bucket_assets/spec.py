@@ -154,6 +154,29 @@ class UrlSource(_Model):
 Source = Annotated[Union[WebDatasetSource, ParquetSource, FolderSource, UrlSource], Field(discriminator="kind")]
 
 
+class ColumnRule(_Model):
+    """Keep a record only if its numeric `column` (a key of the source's own metadata: the tar
+    .json, the parquet row, the imagefolder metadata) lies in [min, max]; a record without a
+    numeric value there passes."""
+
+    column: Annotated[str, StringConstraints(min_length=1, max_length=256)]
+    min: float | None = None
+    max: float | None = None
+
+    @field_validator("column")
+    @classmethod
+    def _printable(cls, v: str) -> str:
+        if any(ord(c) < 32 or ord(c) == 127 for c in v):
+            raise ValueError("must not hold control characters")
+        return v
+
+    def model_post_init(self, _ctx) -> None:
+        if self.min is None and self.max is None:
+            raise ValueError(f"filters.columns rule for {self.column!r} needs min, max or both")
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise ValueError(f"filters.columns rule for {self.column!r}: min {self.min} is above max {self.max}")
+
+
 class Filters(_Model):
     # A CLIP cosine similarity; NaN would silently drop every record.
     min_similarity: _num(float, -1, 1) | None = 0.3
@@ -162,6 +185,9 @@ class Filters(_Model):
     # Luma standard deviation (0-255) of the image below which it is blank (a uniform placeholder).
     blank_std_threshold: _num(float, 0, 255) = 2.0
     drop_duplicates: bool = True
+    # Rules on any numeric column (aesthetic score, pwatermark, punsafe...), in order: the first
+    # a record fails is its reason, `column_filter`.
+    columns: list[ColumnRule] = []
 
 
 class Buckets(_Model):

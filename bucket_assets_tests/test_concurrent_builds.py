@@ -176,7 +176,12 @@ def test_project_instance_queues_one_run_per_code_location(tmp_path):
     assert project["run_queue"]["max_concurrent_runs"] == 2
     home = tmp_path / "home"
     home.mkdir()
-    (home / "dagster.yaml").write_bytes((REPO / "dagster.yaml").read_bytes())
+    # The settings only: the project's storage paths are relative to the cwd (the checkout's own
+    # .dagster_home when pytest runs from the root), as the CLI's seeding also drops them.
+    from bucket_assets.cli import _STORAGE_KEYS
+
+    settings = {k: v for k, v in project.items() if k not in _STORAGE_KEYS}
+    (home / "dagster.yaml").write_text(yaml.safe_dump(settings))
     with dg.DagsterInstance.from_config(str(home)) as instance:
         queue = instance.get_concurrency_config().run_queue_config
         assert queue.max_concurrent_runs == 2

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 from pathlib import Path
 
 import duckdb
@@ -185,6 +186,7 @@ def test_two_builds_are_byte_identical_and_rebuild_reuses_work(make_spec):
         ("passthrough", {"image.mode": "passthrough_jpeg"}),
         ("center", {"image.crop": {"strategy": "center"}}),
         ("dct", {"image.dct_downscale": True}),
+        ("column_rule", {"filters.columns": [{"column": "original_width", "max": 500}]}),
     ],
 )
 def test_variants_build_and_verify(make_spec, variant, overrides):
@@ -224,6 +226,19 @@ def test_variants_build_and_verify(make_spec, variant, overrides):
     if variant == "dct":
         assert manifest["preprocessing"]["dct_downscale"] is True
         assert "Approximate mode" in (export / "README.md").read_text()
+    if variant == "column_rule":
+        # LAION json's original_width; the other sources have no such column and pass.
+        n = manifest["summary"]["skipped_column_filter"]
+        assert n >= 1
+        con = duckdb.connect(str(spec.db_path), read_only=True)
+        try:
+            rows = con.execute("SELECT f.source, f.detail FROM filtered_images f WHERE decision = 'column_filter'").fetchall()
+        finally:
+            con.close()
+        assert len(rows) == n and {r[0] for r in rows} == {"laion"}
+        assert all(re.fullmatch(r"original_width \d+(\.0)? > max 500(\.0)?", r[1]) for r in rows), rows
+        assert "skipped&#95;column&#95;filter" in (export / "README.md").read_text() or \
+            "skipped_column_filter" in (export / "README.md").read_text()
     assert rep.samples == manifest["summary"]["samples_exported"]
 
 

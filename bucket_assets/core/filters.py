@@ -24,6 +24,7 @@ WITH first_pass AS (
             WHEN nsfw IS NOT NULL AND list_contains($drop_nsfw, nsfw) THEN 'nsfw'
             WHEN $min_similarity IS NOT NULL AND similarity IS NOT NULL AND similarity < $min_similarity
                 THEN 'low_similarity'
+            {column_decisions}
             WHEN fit.too_small THEN 'too_small'
             ELSE 'keep'
         END AS decision,
@@ -32,9 +33,10 @@ WITH first_pass AS (
             WHEN nsfw IS NOT NULL AND list_contains($drop_nsfw, nsfw) THEN 'NSFW tag ' || nsfw
             WHEN $min_similarity IS NOT NULL AND similarity IS NOT NULL AND similarity < $min_similarity
                 THEN 'similarity ' || similarity::VARCHAR
+            {column_details}
             WHEN fit.too_small THEN fit.detail
         END AS detail
-    FROM raw_index LEFT JOIN _fit AS fit USING (row_id)
+    FROM {raw} LEFT JOIN _fit AS fit USING (row_id)
 ),
 dups AS (
     SELECT row_id,
@@ -50,6 +52,34 @@ SELECT f.row_id, f.image_id, f.source,
 FROM first_pass f LEFT JOIN dups d USING (row_id)
 ORDER BY f.row_id
 """
+
+
+def _column_sql(n: int) -> tuple[str, str, str]:
+    """The SQL of n column rules (names and bounds are bound parameters): the values, one per
+    rule, taken from the record's source metadata; a value that is absent, not a number, NaN or
+    infinite does not count, so the record passes that rule."""
+    values = ", ".join(
+        f"TRY_CAST(json_extract_string(source_meta, $col_path_{i}) AS DOUBLE) AS _col_{i}"
+        for i in range(n)
+    )
+    fails = [
+        f"isfinite(_col_{i}) AND (_col_{i} < coalesce($col_min_{i}, _col_{i}) OR _col_{i} > coalesce($col_max_{i}, _col_{i}))"
+        for i in range(n)
+    ]
+    decisions = "\n            ".join(f"WHEN {f} THEN 'column_filter'" for f in fails)
+    details = "\n            ".join(
+        f"WHEN {f} THEN $col_name_{i} || ' ' || _col_{i}::VARCHAR || "
+        f"CASE WHEN _col_{i} < coalesce($col_min_{i}, _col_{i}) THEN ' < min ' || $col_min_{i}::VARCHAR "
+        f"ELSE ' > max ' || $col_max_{i}::VARCHAR END"
+        for i, f in enumerate(fails)
+    )
+    raw = f"(SELECT *, {values} FROM raw_index)" if n else "raw_index"
+    return raw, decisions, details
+
+
+def column_pointer(column: str) -> str:
+    """A top-level key as a JSON pointer (any character allowed; ~ and / escaped)."""
+    return "/" + column.replace("~", "~0").replace("/", "~1")
 
 
 def apply_filters(con: duckdb.DuckDBPyConnection, filters: Filters, buckets: list[Bucket]) -> None:
@@ -69,11 +99,13 @@ def apply_filters(con: duckdb.DuckDBPyConnection, filters: Filters, buckets: lis
 
 
 def _run_filter_sql(con: duckdb.DuckDBPyConnection, filters: Filters) -> None:
-    con.execute(
-        FILTER_SQL,
-        {
-            "drop_nsfw": list(filters.drop_nsfw),
-            "min_similarity": filters.min_similarity,
-            "drop_duplicates": filters.drop_duplicates,
-        },
-    )
+    raw, decisions, details = _column_sql(len(filters.columns))
+    params = {
+        "drop_nsfw": list(filters.drop_nsfw),
+        "min_similarity": filters.min_similarity,
+        "drop_duplicates": filters.drop_duplicates,
+    }
+    for i, rule in enumerate(filters.columns):
+        params.update({f"col_path_{i}": column_pointer(rule.column), f"col_name_{i}": rule.column,
+                       f"col_min_{i}": rule.min, f"col_max_{i}": rule.max})
+    con.execute(FILTER_SQL.format(raw=raw, column_decisions=decisions, column_details=details), params)
