@@ -206,8 +206,10 @@ def bucket_shards_asset(partitions: dg.PartitionsDefinition, processed_images: d
     ) -> dg.MaterializeResult:
         """`buckets/<bucket_id>/shard-NNNNNN.tar`: uncompressed USTAR, <key>.jpg/.txt/.json per
         sample, sorted by key, split by shards.max_samples / max_bytes. Reads stored JPEG bytes:
-        no image is decoded or encoded here. Changed shards are staged; `export_manifest`
-        publishes them together with the manifest that lists them."""
+        no image is decoded or encoded here. The plan streams in batches; a shard whose content
+        fingerprint and published file are what the last build recorded is neither built nor read
+        (run_shards_unchanged), the others are built (run_shards_built) and staged if their bytes
+        changed; `export_manifest` publishes them together with the manifest that lists them."""
         spec = dataset.load()
         out_dir = own_output_dir(spec.output_dir)
         keys = list(context.partition_keys)
