@@ -100,14 +100,22 @@ def _staged(out_dir: Path, rel: str, sha256: str) -> Path:
     return staging_dir(out_dir) / f"{rel}.{sha256}"
 
 
+def staged_path(out_dir: str | os.PathLike, rel: str, sha256: str) -> Path:
+    """Where stage_shard left a rewritten shard until the manifest publish moves it to `rel`
+    (a rename: the published file keeps this file's inode and mtime)."""
+    return _staged(Path(out_dir), rel, sha256)
+
+
 def stage_shard(out_dir: str | os.PathLike, rel: str,
-                samples: Iterable[Sample] | Callable[[], Iterable[Sample]], size: int | None = None) -> ShardFile:
+                samples: Iterable[Sample] | Callable[[], Iterable[Sample]], size: int | None = None,
+                known_different: bool = False) -> ShardFile:
     """Write the shard published at `rel` (e.g. `buckets/<id>/shard-000000.tar`) to staging,
     unless the published file already holds exactly these bytes (then `rewritten` is False;
-    with `samples` a callable nothing at all is written for an unchanged shard)."""
+    with `samples` a callable nothing at all is written for an unchanged shard).
+    `known_different`: the published file is known to hold other content; it is not read."""
     out = Path(out_dir)
     target = staging_dir(out) / rel
-    shard = write_shard(target, samples, same_as=out / rel, size=size)
+    shard = write_shard(target, samples, same_as=out / rel, size=size, known_different=known_different)
     if target.parent.is_dir():
         for old in target.parent.glob(f"{target.name}.*"):
             old.unlink()  # an earlier staged version of this shard
@@ -116,10 +124,51 @@ def stage_shard(out_dir: str | os.PathLike, rel: str,
     return shard
 
 
+def file_identity(path: str | os.PathLike) -> tuple[int, int, int] | None:
+    """(size, mtime_ns, inode) of the regular file at `path` (a symlink is not followed), or None
+    when there is none: what a build records of each shard file it leaves, to know next time
+    whether that file is still the one it wrote."""
+    import stat
+
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    return (st.st_size, st.st_mtime_ns, st.st_ino) if stat.S_ISREG(st.st_mode) else None
+
+
+UNCHANGED, DIFFERENT, UNKNOWN = "unchanged", "different", "unknown"
+
+
+def shard_state(fingerprint: str | None, rel: str, size: int, recorded: dict | None,
+                published: tuple[int, int, int] | None) -> str:
+    """What a build must do for a planned shard (content `fingerprint`, file size `size`), given
+    the shard_files row the last build recorded for its place (None: none) and the published
+    file's identity (file_identity):
+
+    UNCHANGED: the recorded fingerprint is this one and the published file is still the file
+        recorded (same size, mtime_ns and inode): it holds these bytes; neither build nor read it.
+    DIFFERENT: the published file is the one recorded, whose content had another fingerprint:
+        build the shard and stage it without comparing it with the published file.
+    UNKNOWN: anything else (no record, no fingerprint, the file missing, replaced or touched
+        behind the build's back, a run killed before publishing): build it and compare.
+
+    A file changed in place with its size and mtime restored looks UNCHANGED here; the full
+    `bucket-assets verify` re-hashes every shard and names it."""
+    if recorded is None or published is None or recorded.get("path") != rel:
+        return UNKNOWN
+    ident = (recorded.get("file_size"), recorded.get("mtime_ns"), recorded.get("inode"))
+    if ident != published or recorded.get("bytes") != published[0]:
+        return UNKNOWN
+    if fingerprint is not None and recorded.get("fingerprint") == fingerprint and size == published[0]:
+        return UNCHANGED
+    return DIFFERENT if recorded.get("fingerprint") is not None and fingerprint is not None else UNKNOWN
+
+
 def stage_planned_shard(plan: dict) -> dict:
     """stage_shard for one planned shard: {out_dir, rel, samples: [{key, path, pack_offset,
-    jpg_bytes, txt, json}]} (txt and json as bytes), its JPEG bytes read from the processed-image
-    store. Returns a plain dict."""
+    jpg_bytes, txt, json}], known_different (optional, default False)} (txt and json as bytes),
+    its JPEG bytes read from the processed-image store. Returns a plain dict."""
     from bucket_assets.core.processing import StoreReader
 
     size = shard_file_bytes(sum(sample_tar_bytes(int(s["jpg_bytes"]), len(s["txt"]), len(s["json"]))
@@ -128,7 +177,7 @@ def stage_planned_shard(plan: dict) -> dict:
         shard = stage_shard(plan["out_dir"], plan["rel"], lambda: (
             Sample(s["key"], store.read(s["path"], s["pack_offset"], s["jpg_bytes"]), s["txt"], s["json"])
             for s in plan["samples"]
-        ), size)
+        ), size, known_different=bool(plan.get("known_different")))
     return {"samples": shard.samples, "bytes": shard.bytes, "sha256": shard.sha256, "rewritten": shard.rewritten}
 
 

@@ -83,14 +83,20 @@ def tar_size(member_bytes: int) -> int:
     return (raw + RECORD - 1) // RECORD * RECORD
 
 
+def starts_new_shard(count: int, member_bytes: int, size: int, max_samples: int, max_bytes: int) -> bool:
+    """The shard rule: a shard holding `count` samples of `member_bytes` (sample_tar_bytes
+    summed) is closed before a sample of `size` when it is full or that sample would take it
+    over max_bytes. An empty shard always takes the sample: one larger than max_bytes gets a
+    shard of its own rather than being dropped."""
+    return count > 0 and (count >= max_samples or tar_size(member_bytes + size) > max_bytes)
+
+
 def plan_shards(sizes: list[int], max_samples: int, max_bytes: int) -> list[tuple[int, int]]:
-    """Split samples (in order) into [start, end) runs within both limits; a sample larger than
-    max_bytes alone gets a shard of its own rather than being dropped."""
+    """Split samples (in order) into [start, end) runs within both limits (starts_new_shard)."""
     runs = []
     start, acc = 0, 0
     for i, s in enumerate(sizes):
-        n = i - start
-        if n > 0 and (n >= max_samples or tar_size(acc + s) > max_bytes):
+        if starts_new_shard(i - start, acc, s, max_samples, max_bytes):
             runs.append((start, i))
             start, acc = i, 0
         acc += s
@@ -155,7 +161,8 @@ def shard_file_bytes(member_bytes: int) -> int:
 
 
 def write_shard(path: str | os.PathLike, samples: Iterable[Sample] | Callable[[], Iterable[Sample]],
-                same_as: str | os.PathLike | None = None, size: int | None = None) -> ShardFile:
+                same_as: str | os.PathLike | None = None, size: int | None = None,
+                known_different: bool = False) -> ShardFile:
     """Write one USTAR shard atomically: fixed headers (mtime 0, uid/gid 0, mode 644).
 
     If the file at `same_as` (default: `path`) already holds the same bytes, nothing is written
@@ -164,10 +171,14 @@ def write_shard(path: str | os.PathLike, samples: Iterable[Sample] | Callable[[]
     a published file of the planned `size` (if given) is compared by hash before anything is
     written: an unchanged shard creates no temp file either (a no-op rebuild works on a
     read-only export), and a changed one of another size is built once, not twice.
+    `known_different` (the caller knows the file at `same_as` holds other content) skips both
+    comparisons: the shard is built once and that file is not read.
     """
     path = Path(path)
     same = Path(same_as) if same_as is not None else path
-    if callable(samples):
+    if callable(samples) and known_different:
+        samples = samples()
+    elif callable(samples):
         make = samples
         if same.is_file() and (size is None or same.stat().st_size == size):
             sink = _HashingWriter(None)
@@ -178,7 +189,7 @@ def write_shard(path: str | os.PathLike, samples: Iterable[Sample] | Callable[[]
     kept: list[bool] = []
 
     def unchanged() -> bool:
-        kept.append(same.is_file() and same.stat().st_size == sink.n and file_sha256(same) == sink.h.hexdigest())
+        kept.append(not known_different and same.is_file() and same.stat().st_size == sink.n and file_sha256(same) == sink.h.hexdigest())
         return kept[0]
 
     with atomic_writer(path, unchanged=unchanged) as f:
@@ -237,9 +248,11 @@ def sample_meta(row: dict, bucket_id: str) -> bytes:
     )
 
 
-# The ordered sample list of each bucket: what its shards will hold.
+# The ordered sample list of each bucket: what its shards will hold. jpg_sha256 is the stored
+# JPEG's sha256 (processed_images), so a shard's content is known without reading the store.
 SAMPLE_PLAN_SQL = """
-SELECT p.bucket_id, p.bytes AS jpg_bytes, p.key, p.path, p.pack_offset, p.image_id, r.source, a.src_w, a.src_h,
+SELECT p.bucket_id, p.bytes AS jpg_bytes, p.sha256 AS jpg_sha256, p.key, p.path, p.pack_offset, p.image_id,
+       r.source, a.src_w, a.src_h,
        a.target_w, a.target_h, sc.text, sc.caption_variant, sc.caption_selector_index,
        sc.caption_source_id, r.url, r.similarity, r.nsfw, r.license
 FROM processed_images p
@@ -265,9 +278,91 @@ def write_sample_plan(con, bucket_ids: list[str], path: str | os.PathLike) -> No
 
 
 def read_sample_plan(path: str | os.PathLike, bucket_id: str) -> list[dict]:
+    """One bucket's rows of the plan file as a list (tests and benchmarks; builds stream it)."""
     import pyarrow.parquet as pq
 
     return pq.read_table(path, filters=[("bucket_id", "=", bucket_id)]).to_pylist()
+
+
+def iter_sample_plan(path: str | os.PathLike, batch_rows: int = 4096) -> Iterator[dict]:
+    """The plan file's rows in file order (bucket, then key), read in batches of `batch_rows`:
+    memory holds one batch, whatever the number of samples."""
+    import pyarrow.parquet as pq
+
+    with pq.ParquetFile(path) as f:
+        for batch in f.iter_batches(batch_size=batch_rows):
+            yield from batch.to_pylist()
+
+
+# Bump when the bytes a shard's samples make change while the fingerprint's inputs stay the same
+# (tar headers, member names or order, padding): every recorded fingerprint then differs.
+SHARD_LAYOUT = "bucketed_shards_v1 ustar mtime0 uid0 mode644 jpg,txt,json"
+
+
+def _field(h, data: bytes) -> None:
+    h.update(len(data).to_bytes(8, "big"))
+    h.update(data)
+
+
+@dataclass
+class PlannedShard:
+    """One shard as planned from the sample plan, before anything is read from the store."""
+
+    index: int
+    rel: str  # buckets/<bucket_id>/shard-NNNNNN.tar
+    samples: list[dict]  # {key, path, pack_offset, jpg_bytes, txt, json}: what stage_planned_shard reads
+    member_bytes: int  # sample_tar_bytes summed
+    # sha256 over the layout, the path and each sample's key, JPEG sha256 and length, .txt and
+    # .json bytes: equal fingerprints mean equal shard bytes. None when a JPEG's sha256 is not
+    # known (a store row from before it was recorded): such a shard is always built.
+    fingerprint: str | None
+    first_key: str
+    last_key: str
+
+    @property
+    def file_bytes(self) -> int:
+        return shard_file_bytes(self.member_bytes)
+
+
+def plan_bucket_shards(rows: Iterable[dict], bucket_id: str, max_samples: int, max_bytes: int) -> Iterator[PlannedShard]:
+    """Split one bucket's sample-plan rows, streamed in key order, into shards (the rule of
+    plan_shards), encoding each sample's .txt and .json once and fingerprinting each shard as its
+    samples go by. Memory holds one shard's samples. Keys must strictly increase (raises
+    ValueError otherwise): the shards are key ranges."""
+    index, samples, acc, h, known, prev = 0, [], 0, None, True, None
+
+    def start():
+        h = hashlib.sha256()
+        _field(h, SHARD_LAYOUT.encode())
+        _field(h, f"buckets/{bucket_id}/{SHARD_NAME.format(index)}".encode())
+        return h
+
+    def done() -> PlannedShard:
+        return PlannedShard(index, f"buckets/{bucket_id}/{SHARD_NAME.format(index)}", samples, acc,
+                            h.hexdigest() if known else None, samples[0]["key"], samples[-1]["key"])
+
+    for r in rows:
+        key = r["key"]
+        if prev is not None and not key > prev:
+            raise ValueError(f"sample plan of {bucket_id} is not in strictly increasing key order at {key!r}")
+        prev = key
+        txt, meta = caption_txt(r["text"]), sample_meta(r, bucket_id)
+        jpg_len = int(r["jpg_bytes"])
+        size = sample_tar_bytes(jpg_len, len(txt), len(meta))
+        if starts_new_shard(len(samples), acc, size, max_samples, max_bytes):
+            yield done()
+            index, samples, acc, h, known = index + 1, [], 0, None, True
+        if h is None:
+            h = start()
+        sha = r.get("jpg_sha256")
+        known = known and bool(sha)
+        for part in (key.encode(), (sha or "").encode(), str(jpg_len).encode(), txt, meta):
+            _field(h, part)
+        samples.append({"key": key, "path": r["path"], "pack_offset": r["pack_offset"], "jpg_bytes": jpg_len,
+                        "txt": txt, "json": meta})
+        acc += size
+    if samples:
+        yield done()
 
 
 def _sql_path(p: Path) -> str:

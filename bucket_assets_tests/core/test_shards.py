@@ -300,3 +300,146 @@ def test_plan_shards_real_shards_within_max_bytes(tmp_path):
     for i, (a, b) in enumerate(runs):
         sf = write_shard(tmp_path / f"shard-{i:06d}.tar", samples[a:b])
         assert sf.bytes <= max_bytes
+
+
+# plan_bucket_shards: the streaming planner and shard fingerprints ---------------------------------------
+
+from bucket_assets.core.publish import DIFFERENT, UNCHANGED, UNKNOWN, file_identity, shard_state  # noqa: E402
+from bucket_assets.core.shards import (  # noqa: E402
+    PlannedShard,
+    iter_sample_plan,
+    plan_bucket_shards,
+    read_sample_plan,
+    sample_meta,
+    shard_file_bytes,
+)
+
+
+def _plan_rows(n: int, bucket: str = "p512x512", seed: int = 0) -> list[dict]:
+    import random
+
+    rnd = random.Random(seed)
+    rows = []
+    for i in range(n):
+        rows.append({
+            "bucket_id": bucket, "key": f"img_{i:05d}", "image_id": f"img_{i:05d}", "path": f"/store/{bucket}/pack-1.bin",
+            "pack_offset": 1000 * i, "jpg_bytes": rnd.randint(200, 3000),
+            "jpg_sha256": hashlib.sha256(f"{bucket}{i}".encode()).hexdigest(),
+            "text": "caption " + "x" * rnd.randint(0, 900), "caption_variant": "alt_text",
+            "caption_selector_index": 0, "caption_source_id": 1, "source": "laion", "src_w": 800, "src_h": 600,
+            "target_w": 512, "target_h": 512, "url": f"http://example.com/{i}.jpg", "similarity": 0.5, "nsfw": None,
+            "license": None,
+        })
+    return rows
+
+
+@pytest.mark.parametrize("max_samples,max_bytes", [(1000, 10**9), (7, 10**9), (1000, 4 * RECORD), (5, 3 * RECORD), (1, 10**9)])
+def test_plan_bucket_shards_splits_as_plan_shards(max_samples, max_bytes):
+    rows = _plan_rows(60)
+    # The samples and runs the whole-list planner makes.
+    samples = [{"key": r["key"], "path": r["path"], "pack_offset": r["pack_offset"], "jpg_bytes": r["jpg_bytes"],
+                "txt": caption_txt(r["text"]), "json": sample_meta(r, "p512x512")} for r in rows]
+    sizes = [sample_tar_bytes(s["jpg_bytes"], len(s["txt"]), len(s["json"])) for s in samples]
+    runs = plan_shards(sizes, max_samples, max_bytes)
+    got = list(plan_bucket_shards(iter(rows), "p512x512", max_samples, max_bytes))
+    assert [(g.index, len(g.samples)) for g in got] == [(i, b - a) for i, (a, b) in enumerate(runs)]
+    for g, (a, b) in zip(got, runs):
+        assert g.samples == samples[a:b]
+        assert g.member_bytes == sum(sizes[a:b]) and g.file_bytes == shard_file_bytes(sum(sizes[a:b]))
+        assert g.rel == f"buckets/p512x512/shard-{g.index:06d}.tar"
+        assert (g.first_key, g.last_key) == (rows[a]["key"], rows[b - 1]["key"])
+        assert g.fingerprint and len(g.fingerprint) == 64
+    assert list(plan_bucket_shards(iter(()), "p512x512", max_samples, max_bytes)) == []
+
+
+def test_shard_fingerprint_follows_exactly_the_content():
+    rows = _plan_rows(12)
+    base = [s.fingerprint for s in plan_bucket_shards(rows, "p512x512", 4, 10**9)]
+    assert len(set(base)) == 3
+    assert [s.fingerprint for s in plan_bucket_shards(_plan_rows(12), "p512x512", 4, 10**9)] == base
+    # One change in sample 5 (shard 1) changes that shard's fingerprint only.
+    for field, value in [("text", "another caption"), ("jpg_sha256", "0" * 64), ("jpg_bytes", 4000),
+                         ("url", "http://other"), ("caption_source_id", 2), ("key", "img_00005a"),
+                         ("path", "/elsewhere/pack.bin"), ("pack_offset", 7)]:
+        changed = [dict(r) for r in rows]
+        changed[5][field] = value
+        fps = [s.fingerprint for s in plan_bucket_shards(changed, "p512x512", 4, 10**9)]
+        if field in ("path", "pack_offset"):  # where the bytes are stored is not what they are
+            assert fps == base, field
+        else:
+            assert fps[0] == base[0] and fps[2] == base[2] and fps[1] != base[1], field
+    # The same samples in another bucket or place are another shard.
+    other = [dict(r, bucket_id="p256x256") for r in rows]
+    assert [s.fingerprint for s in plan_bucket_shards(other, "p256x256", 4, 10**9)] != base
+    # Unknown JPEG hash: no fingerprint for that shard, so it is always built.
+    missing = [dict(r) for r in rows]
+    missing[9]["jpg_sha256"] = None
+    fps = [s.fingerprint for s in plan_bucket_shards(missing, "p512x512", 4, 10**9)]
+    assert fps[:2] == base[:2] and fps[2] is None
+
+
+def test_plan_bucket_shards_needs_strictly_increasing_keys():
+    rows = _plan_rows(5)
+    rows[3]["key"] = rows[2]["key"]
+    with pytest.raises(ValueError, match="increasing key order"):
+        list(plan_bucket_shards(rows, "p512x512", 100, 10**9))
+
+
+def test_iter_sample_plan_streams_the_file_in_order(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = _plan_rows(50, "a") + _plan_rows(30, "b")
+    path = tmp_path / "plan.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), path, row_group_size=16)
+    assert list(iter_sample_plan(path, batch_rows=7)) == rows
+    assert read_sample_plan(path, "b") == rows[50:]
+
+
+def _recorded(shard: PlannedShard, ident, **kw) -> dict:
+    row = {"path": shard.rel, "fingerprint": shard.fingerprint, "bytes": shard.file_bytes, "file_size": ident[0],
+           "mtime_ns": ident[1], "inode": ident[2]}
+    row.update(kw)
+    return row
+
+
+def test_shard_state(tmp_path):
+    shard = next(plan_bucket_shards(_plan_rows(3), "p512x512", 100, 10**9))
+    f = tmp_path / "shard.tar"
+    f.write_bytes(b"\0" * shard.file_bytes)
+    ident = file_identity(f)
+    assert ident == (shard.file_bytes, f.stat().st_mtime_ns, f.stat().st_ino)
+    state = lambda rec, pub=ident, fp=shard.fingerprint: shard_state(fp, shard.rel, shard.file_bytes, rec, pub)  # noqa: E731
+    assert state(_recorded(shard, ident)) == UNCHANGED
+    # Other content recorded for the same file: build, without comparing.
+    assert state(_recorded(shard, ident, fingerprint="0" * 64)) == DIFFERENT
+    # Anything else: build and compare.
+    assert state(None) == UNKNOWN
+    assert state(_recorded(shard, ident), pub=None) == UNKNOWN  # missing / not a regular file
+    assert state(_recorded(shard, ident, fingerprint=None)) == UNKNOWN  # a row from before fingerprints
+    assert state(_recorded(shard, ident), fp=None) == UNKNOWN  # a JPEG of unknown hash
+    assert state(_recorded(shard, ident, mtime_ns=ident[1] + 1)) == UNKNOWN  # touched behind our back
+    assert state(_recorded(shard, ident, inode=ident[2] + 1)) == UNKNOWN  # replaced (or a killed run's staged file)
+    assert state(_recorded(shard, ident, file_size=ident[0] + 1)) == UNKNOWN
+    assert state(_recorded(shard, ident, path="buckets/x/shard-000009.tar")) == UNKNOWN
+    assert state(_recorded(shard, (None, None, None))) == UNKNOWN
+    link = tmp_path / "link.tar"
+    link.symlink_to(f)
+    assert file_identity(link) is None and file_identity(tmp_path) is None and file_identity(tmp_path / "no") is None
+
+
+def test_write_shard_known_different_does_not_read_the_published_file(tmp_path, monkeypatch):
+    import bucket_assets.core.shards as shards_mod
+
+    published = tmp_path / "pub.tar"
+    write_shard(published, _samples(3))
+    reads = []
+    real = shards_mod.file_sha256
+    monkeypatch.setattr(shards_mod, "file_sha256", lambda p: reads.append(p) or real(p))
+    again = write_shard(tmp_path / "new.tar", lambda: iter(_samples(3)), same_as=published,
+                        size=published.stat().st_size, known_different=True)
+    assert reads == [] and again.rewritten
+    assert (tmp_path / "new.tar").read_bytes() == published.read_bytes()
+    # Without it the identical file is found by hash and nothing is written.
+    same = write_shard(tmp_path / "new2.tar", lambda: iter(_samples(3)), same_as=published, size=published.stat().st_size)
+    assert reads and not same.rewritten and not (tmp_path / "new2.tar").exists()

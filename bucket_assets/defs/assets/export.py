@@ -1,8 +1,14 @@
 """Stage 5: per-bucket shards, the manifest and the dataset card."""
 
 
+import collections
+import dataclasses
+import itertools
+import operator
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Callable, Iterable, Iterator
 
 import dagster as dg
 import pyarrow as pa
@@ -12,36 +18,57 @@ from bucket_assets.core.atomic import atomic_write_bytes, atomic_write_text, rem
 from bucket_assets.core.buckets import bucket_table
 from bucket_assets.core.captions import caption_warnings, rejected_sources
 from bucket_assets.core.card import render_card
-from bucket_assets.core.db import drop_other_partitions, replace_partitions, table_exists
+from bucket_assets.core.db import drop_other_partitions, replace_partitions, table_exists, transaction
 from bucket_assets.core.manifest import MANIFEST_NAME, build_manifest, dumps, same_content
 from bucket_assets.core.processing import prune_gone_buckets
 from bucket_assets.core.pictures import CHART_NAME, SHEETS_DIR, bucket_chart_png, contact_sheet_png, first_samples, sheet_path
 from bucket_assets.core.progress import Progress
-from bucket_assets.core.publish import BUCKET_DIR_RE, OutputDirError, claim_output_dir, publish, read_manifest, staging_dir
-from bucket_assets.core.shards import (
-    SHARD_NAME,
-    caption_txt,
-    plan_shards,
-    read_sample_plan,
-    sample_meta,
-    sample_tar_bytes,
-    write_sample_plan,
+from bucket_assets.core.publish import (
+    BUCKET_DIR_RE,
+    DIFFERENT,
+    UNCHANGED,
+    OutputDirError,
+    claim_output_dir,
+    file_identity,
+    publish,
+    read_manifest,
+    shard_state,
+    staged_path,
+    staging_dir,
 )
+from bucket_assets.core.shards import PlannedShard, iter_sample_plan, plan_bucket_shards, write_sample_plan
 from bucket_assets.distributed import LocalCompute
 from bucket_assets.defs.assets.captions import caption_table, selected_captions
 from bucket_assets.defs.resources import ComputeResource, DatasetResource
 
+# One row per shard: where it is and what it holds (the manifest lists these), its content
+# fingerprint and the key range it covers, and the identity (size, mtime_ns, inode) of the file
+# the build left for it, so the next build skips it while both still hold (core.publish.shard_state).
 SHARD_FILES_SCHEMA = pa.schema(
     [("bucket_id", pa.string()), ("shard_index", pa.int32()), ("path", pa.string()),
-     ("samples", pa.int64()), ("bytes", pa.int64()), ("sha256", pa.string())]
+     ("samples", pa.int64()), ("bytes", pa.int64()), ("sha256", pa.string()),
+     ("fingerprint", pa.string()), ("first_key", pa.string()), ("last_key", pa.string()),
+     ("file_size", pa.int64()), ("mtime_ns", pa.int64()), ("inode", pa.uint64())]
 )
 # What each written sample holds of its caption, so a sensor can tell which buckets a new
-# caption selection changes without opening a shard.
-SHARD_SAMPLES_SCHEMA = pa.schema(
-    [("bucket_id", pa.string()), ("shard_index", pa.int32()), ("key", pa.string()), ("image_id", pa.string()),
-     ("text", pa.string()), ("caption_variant", pa.string()), ("caption_selector_index", pa.int32()),
-     ("caption_source_id", pa.int32())]
+# caption selection changes without opening a shard. Derived in SQL from the run's sample plan
+# and the shards' key ranges.
+SHARD_SAMPLES_COLUMNS = (
+    ("bucket_id", "VARCHAR"), ("shard_index", "INTEGER"), ("key", "VARCHAR"), ("image_id", "VARCHAR"),
+    ("text", "VARCHAR"), ("caption_variant", "VARCHAR"), ("caption_selector_index", "INTEGER"),
+    ("caption_source_id", "INTEGER"),
 )
+SHARD_SAMPLES_SQL = """
+INSERT INTO shard_samples BY NAME
+SELECT p.bucket_id, f.shard_index, p.key, p.image_id, p.text, p.caption_variant,
+       CAST(p.caption_selector_index AS INTEGER) AS caption_selector_index,
+       CAST(p.caption_source_id AS INTEGER) AS caption_source_id
+FROM read_parquet($plan) p
+JOIN shard_files f ON f.bucket_id = p.bucket_id AND p.key >= f.first_key AND p.key <= f.last_key
+WHERE list_contains($buckets, p.bucket_id)
+ORDER BY p.bucket_id, p.key
+"""
+
 
 def own_output_dir(output_dir: str) -> Path:
     """The output dir, once it is known to be ours to write (see core.publish)."""
@@ -51,39 +78,103 @@ def own_output_dir(output_dir: str) -> Path:
         raise dg.Failure(str(exc)) from None
 
 
-def write_bucket(out_dir: Path, bucket_id: str, rows: list[dict], max_samples: int, max_bytes: int, compute=None):
-    """Stage one bucket's shards (core.publish); shards whose published file already holds the
-    same bytes are not written. Returns (shard rows, sample rows, files staged). Each shard is
-    one task (`compute`: in process, or Celery workers), reading its JPEG bytes from the store,
-    so a large bucket's shards are written in parallel and memory stays at one shard's data."""
-    remove_stale_temps(staging_dir(out_dir) / "buckets" / bucket_id)
-    # What each sample's shard entry needs, its .txt and .json encoded once.
-    samples = [
-        {"key": r["key"], "path": r["path"], "pack_offset": r["pack_offset"], "jpg_bytes": r["jpg_bytes"],
-         "txt": caption_txt(r["text"]), "json": sample_meta(r, bucket_id)}
-        for r in rows
-    ]
-    sizes = [sample_tar_bytes(int(s["jpg_bytes"]), len(s["txt"]), len(s["json"])) for s in samples]
-    runs = plan_shards(sizes, max_samples, max_bytes)
-    plans = [
-        {"out_dir": str(out_dir), "rel": f"buckets/{bucket_id}/{SHARD_NAME.format(idx)}", "samples": samples[start:end]}
-        for idx, (start, end) in enumerate(runs)
-    ]
-    shard_rows, sample_rows, rewritten = [], [], 0
-    results = (compute or LocalCompute(1)).map("shard", plans)
-    for idx, ((start, end), plan, shard) in enumerate(zip(runs, plans, results)):
-        rewritten += shard["rewritten"]
-        shard_rows.append(
-            {"bucket_id": bucket_id, "shard_index": idx, "path": plan["rel"],
-             "samples": shard["samples"], "bytes": shard["bytes"], "sha256": shard["sha256"]}
-        )
-        sample_rows += [
-            {"bucket_id": bucket_id, "shard_index": idx, "key": r["key"], "image_id": r["image_id"], "text": r["text"],
-             "caption_variant": r["caption_variant"], "caption_selector_index": r["caption_selector_index"],
-             "caption_source_id": r["caption_source_id"]}
-            for r in rows[start:end]
-        ]
-    return shard_rows, sample_rows, rewritten
+@dataclass
+class ShardRun:
+    """What write_buckets did: a row per shard (SHARD_FILES_SCHEMA), bounded by the shard count."""
+
+    rows: list[dict] = field(default_factory=list)
+    unchanged: int = 0  # skipped by fingerprint: neither built nor read
+    built: int = 0  # assembled, compared with the published file unless known to differ, staged if changed
+    rewritten: int = 0  # files staged
+
+
+def _shard_row(bucket_id: str, shard: PlannedShard, samples: int, nbytes: int, sha256: str,
+               ident: tuple[int, int, int] | None) -> dict:
+    size, mtime_ns, inode = ident or (None, None, None)
+    return {"bucket_id": bucket_id, "shard_index": shard.index, "path": shard.rel, "samples": samples,
+            "bytes": nbytes, "sha256": sha256, "fingerprint": shard.fingerprint, "first_key": shard.first_key,
+            "last_key": shard.last_key, "file_size": size, "mtime_ns": mtime_ns, "inode": inode}
+
+
+def write_buckets(out_dir: Path, bucket_ids: list[str], plan_rows: Iterable[dict], recorded: dict[tuple[str, int], dict],
+                  max_samples: int, max_bytes: int, compute=None,
+                  on_bucket: Callable[[str], None] | None = None) -> ShardRun:
+    """Stage the shards of these buckets from their sample plan rows (streamed in bucket, key
+    order). Each bucket's rows are split into shards as they go by (core.shards.plan_bucket_shards);
+    a shard whose content fingerprint and published file are those `recorded` by the last build
+    ((bucket_id, shard_index) -> shard_files row) is skipped without reading anything. Every other
+    shard is one task (`compute`: in process, or Celery workers) that reads its JPEG bytes from the
+    store and stages it unless the published file already holds the same bytes. Tasks are made
+    lazily, so memory holds the shards in flight, not the buckets. `on_bucket(bucket_id)` is
+    called once a bucket's shards are all planned."""
+    run = ShardRun()
+    pending: collections.deque = collections.deque()
+    wanted, seen = set(bucket_ids), set()
+
+    def clear_temps(bucket_id: str) -> None:
+        remove_stale_temps(staging_dir(out_dir) / "buckets" / bucket_id)
+
+    def plans() -> Iterator[dict]:
+        for bucket_id, rows in itertools.groupby(plan_rows, key=operator.itemgetter("bucket_id")):
+            if bucket_id in seen or bucket_id not in wanted:
+                raise ValueError(f"sample plan: bucket {bucket_id} out of order or not requested")
+            seen.add(bucket_id)
+            clear_temps(bucket_id)
+            for shard in plan_bucket_shards(rows, bucket_id, max_samples, max_bytes):
+                prev = recorded.get((bucket_id, shard.index))
+                ident = file_identity(out_dir / shard.rel)
+                state = shard_state(shard.fingerprint, shard.rel, shard.file_bytes, prev, ident)
+                if state == UNCHANGED:
+                    run.rows.append(_shard_row(bucket_id, shard, prev["samples"], prev["bytes"], prev["sha256"], ident))
+                    run.unchanged += 1
+                    continue
+                pending.append((bucket_id, dataclasses.replace(shard, samples=[])))
+                yield {"out_dir": str(out_dir), "rel": shard.rel, "samples": shard.samples,
+                       "known_different": state == DIFFERENT}
+            if on_bucket is not None:
+                on_bucket(bucket_id)
+        for bucket_id in bucket_ids:
+            if bucket_id not in seen:
+                clear_temps(bucket_id)  # an empty bucket: nothing to stage
+
+    for res in (compute or LocalCompute(1)).map("shard", plans()):
+        bucket_id, shard = pending.popleft()
+        run.built += 1
+        run.rewritten += res["rewritten"]
+        # The file the manifest publish will leave at shard.rel: the staged one is renamed there.
+        ident = file_identity(staged_path(out_dir, shard.rel, res["sha256"]) if res["rewritten"] else out_dir / shard.rel)
+        run.rows.append(_shard_row(bucket_id, shard, res["samples"], res["bytes"], res["sha256"], ident))
+    run.rows.sort(key=lambda r: (r["bucket_id"], r["shard_index"]))
+    return run
+
+
+def recorded_shards(con, bucket_ids: list[str]) -> dict[tuple[str, int], dict]:
+    """The shard_files rows of these buckets (one per shard) by (bucket_id, shard_index); rows of
+    a work dir from before fingerprints lack those columns, so their shards are compared once."""
+    if not table_exists(con, "shard_files"):
+        return {}
+    rows = con.execute("SELECT * FROM shard_files WHERE list_contains(?, bucket_id)", [bucket_ids]).to_arrow_table()
+    return {(r["bucket_id"], r["shard_index"]): r for r in rows.to_pylist()}
+
+
+def record_shards(con, bucket_ids: list[str], rows: list[dict], plan: Path | None) -> int:
+    """Replace these buckets' shard_files and shard_samples rows in one transaction; shard_samples
+    come from the plan file joined with the shards' key ranges. Returns the samples recorded."""
+    with transaction(con, "shard_files"):
+        replace_partitions(con, "shard_files", pa.Table.from_pylist(rows, schema=SHARD_FILES_SCHEMA), bucket_ids)
+        if not table_exists(con, "shard_samples"):
+            con.execute(f"CREATE TABLE shard_samples ({', '.join(f'{c} {t}' for c, t in SHARD_SAMPLES_COLUMNS)})")
+        have = {r[0] for r in con.execute("DESCRIBE shard_samples").fetchall()}
+        for c, t in SHARD_SAMPLES_COLUMNS:  # a work dir from an older version
+            if c not in have:
+                con.execute(f"ALTER TABLE shard_samples ADD COLUMN {c} {t}")
+        con.execute("DELETE FROM shard_samples WHERE list_contains(?, bucket_id)", [bucket_ids])
+        n = 0
+        if plan is not None and rows:
+            n = con.execute(SHARD_SAMPLES_SQL, {"plan": str(plan), "buckets": bucket_ids}).fetchone()[0]
+        if n != sum(r["samples"] for r in rows):
+            raise RuntimeError(f"shard_samples: {n} rows for {sum(r['samples'] for r in rows)} samples in shards")
+    return n
 
 
 def bucket_partition_metadata(out_dir: Path, bucket_id: str, shard_rows: list[dict]) -> dict:
@@ -115,45 +206,40 @@ def bucket_shards_asset(partitions: dg.PartitionsDefinition, processed_images: d
     ) -> dg.MaterializeResult:
         """`buckets/<bucket_id>/shard-NNNNNN.tar`: uncompressed USTAR, <key>.jpg/.txt/.json per
         sample, sorted by key, split by shards.max_samples / max_bytes. Reads stored JPEG bytes:
-        no image is decoded or encoded here. Changed shards are staged; `export_manifest`
-        publishes them together with the manifest that lists them."""
+        no image is decoded or encoded here. The plan streams in batches; a shard whose content
+        fingerprint and published file are what the last build recorded is neither built nor read
+        (run_shards_unchanged), the others are built (run_shards_built) and staged if their bytes
+        changed; `export_manifest` publishes them together with the manifest that lists them."""
         spec = dataset.load()
         out_dir = own_output_dir(spec.output_dir)
-        all_shards, all_samples, rewritten = [], [], 0
         keys = list(context.partition_keys)
         plan = Path(spec.work_dir) / "tmp" / f"sample-plan-{context.run.run_id}.parquet"
         filled: list[str] = []
         with dataset.db() as con:
             # One query for every requested bucket, spilled to a file so the DB lock is not
-            # held while shards are written.
+            # held while shards are written; what the last build recorded of their shards.
             has_plan = table_exists(con, "processed_images")
             if has_plan:
                 write_sample_plan(con, keys, plan)
                 filled = [r[0] for r in con.execute(
                     "SELECT DISTINCT bucket_id FROM read_parquet(?) ORDER BY 1", [str(plan)]).fetchall()]
+            recorded = recorded_shards(con, keys)
         # Progress counts the buckets that hold samples; an empty one writes nothing.
         progress = Progress("bucket_shards: buckets written", len(filled), context.log.info)
-        engine = compute.engine(1)
-        per_bucket: dict[str, list[dict]] = {}
         try:
-            for bucket_id in keys:
-                rows = read_sample_plan(plan, bucket_id) if bucket_id in filled else []
-                s_rows, smp_rows, n = write_bucket(out_dir, bucket_id, rows, spec.shards.max_samples, spec.shards.max_bytes,
-                                                   engine)
-                all_shards += s_rows
-                all_samples += smp_rows
-                rewritten += n
-                per_bucket[bucket_id] = s_rows
-                if rows:
-                    progress.advance()
+            run = write_buckets(out_dir, keys, iter_sample_plan(plan) if has_plan else iter(()), recorded,
+                                spec.shards.max_samples, spec.shards.max_bytes, compute.engine(1),
+                                on_bucket=lambda _b: progress.advance())
+            progress.close()
+            with dataset.db() as con:
+                n_samples = record_shards(con, keys, run.rows, plan if has_plan else None)
         finally:
             plan.unlink(missing_ok=True)
-        progress.close()
-        with dataset.db() as con:
-            replace_partitions(con, "shard_files", pa.Table.from_pylist(all_shards, schema=SHARD_FILES_SCHEMA), keys)
-            replace_partitions(con, "shard_samples", pa.Table.from_pylist(all_samples, schema=SHARD_SAMPLES_SCHEMA), keys)
-        context.log.info(f"{len(all_shards)} shard(s), {len(all_samples)} samples in {len(filled)} of {len(keys)} "
-                         f"bucket(s); {rewritten} file(s) staged")
+        per_bucket: dict[str, list[dict]] = {b: [] for b in keys}
+        for r in run.rows:
+            per_bucket[r["bucket_id"]].append(r)
+        context.log.info(f"{len(run.rows)} shard(s), {n_samples} samples in {len(filled)} of {len(keys)} bucket(s): "
+                         f"{run.unchanged} unchanged (not read), {run.built} built; {run.rewritten} file(s) staged")
         # Each partition's materialization carries its own numbers; what is run-wide says so.
         for bucket_id in keys:
             context.add_asset_metadata(bucket_partition_metadata(out_dir, bucket_id, per_bucket[bucket_id]),
@@ -162,10 +248,12 @@ def bucket_shards_asset(partitions: dg.PartitionsDefinition, processed_images: d
             metadata={
                 "run_buckets": len(keys),
                 "run_buckets_with_samples": len(filled),
-                "run_shards": len(all_shards),
-                "run_samples": len(all_samples),
-                "run_bytes": sum(r["bytes"] for r in all_shards),
-                "run_files_rewritten": rewritten,
+                "run_shards": len(run.rows),
+                "run_samples": n_samples,
+                "run_bytes": sum(r["bytes"] for r in run.rows),
+                "run_files_rewritten": run.rewritten,
+                "run_shards_unchanged": run.unchanged,
+                "run_shards_built": run.built,
             }
         )
 
