@@ -16,7 +16,10 @@ test, or an older commit unpacked with `git archive`) and each size, in one run:
    a fresh interpreter): the step's wall time and that process's peak RSS, also as the growth
    above what the interpreter held before the step started (imports, definitions).
 
-The per-image slope between two sizes is what the coordinator keeps per image.
+The per-image slope between two sizes is what the coordinator keeps per image. DuckDB runs in
+the coordinator: its buffer pool and operators use memory up to `metadata.memory_limit` and then
+spill, so with the default 3GB cap part of the slope is DuckDB's; `--memory-limit 128MB` shows
+what is left once DuckDB is held to a small cap.
 """
 
 from __future__ import annotations
@@ -121,7 +124,7 @@ def make_corpus(root: Path, n: int, workers: int) -> Path:
     return d
 
 
-def write_spec(root: Path, corpus: Path, workers: int) -> Path:
+def write_spec(root: Path, corpus: Path, workers: int, memory_limit: str | None = None) -> Path:
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir(parents=True)
     spec = {"name": "bench", "output_dir": str(root / "export"), "work_dir": str(root / "work"),
@@ -130,6 +133,8 @@ def write_spec(root: Path, corpus: Path, workers: int) -> Path:
             "captions": {"landing_dir": str(root / "captions"), "selectors": ["alt_text"]},
             "buckets": {"base_resolutions": [128], "divisible": 16},
             "image": {"workers": workers}}
+    if memory_limit:
+        spec["metadata"] = {"memory_limit": memory_limit}
     (root / "spec.yaml").write_text(yaml.safe_dump(spec))
     return root / "spec.yaml"
 
@@ -220,6 +225,7 @@ def main() -> int:
     ap.add_argument("--out", default="/tmp/bench_store")
     ap.add_argument("--tree", action="append", default=[], help="name=dir of a code tree (default: this one)")
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--memory-limit", help="metadata.memory_limit of the spec (DuckDB's cap; default the spec's 3GB)")
     args = ap.parse_args()
     out = Path(args.out)
     sizes = [int(x) for x in args.images.split(",") if x]
@@ -230,7 +236,7 @@ def main() -> int:
         corpus = make_corpus(out, n, args.workers)
         for name, tree in trees:
             root = out / f"{name}-{n}"
-            write_spec(root, corpus, args.workers)
+            write_spec(root, corpus, args.workers, args.memory_limit)
             b = clean_build(tree, root)
             s = noop_step(tree, root)
             results[(name, n)] = (b, s)

@@ -65,6 +65,7 @@ from bucket_assets.core.processing import (
     is_pack,
     journal_path,
     needs_compaction,
+    prune_gone_buckets,
     store_dir,
 )
 from bucket_assets.core.progress import Progress
@@ -165,6 +166,11 @@ class ImageStore:
         self.staging_root = Path(staging_root)
         self.connect = connect
         self.batch_rows = batch_rows
+
+    def prune_gone_buckets(self, keep: set[str]) -> list[str]:
+        """Remove the store dirs of buckets the spec no longer has (their rows are dropped with
+        them); returns the bucket ids removed."""
+        return prune_gone_buckets(self.processed_dir, keep)
 
     @contextmanager
     def run(self, buckets: list[str], params: RenderParams, token: str = "") -> Iterator["StoreRun"]:

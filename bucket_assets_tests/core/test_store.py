@@ -355,6 +355,11 @@ def test_buckets_without_samples_and_gone_stores(tmp_path):
         ("p32x24", 3, (("ok", 3),)), ("p24x32", 0, ()), ("p16x16", 0, ())]
     assert not (f.processed / "p24x32").exists()  # no row references its pack: the dir goes
     assert set(f.rows()) == {f"p32x24/img0_00{i}" for i in range(3)}
+    # A bucket the spec no longer has: its whole store dir goes (export_manifest drops its rows).
+    (f.processed / "r256_p16x16").mkdir()
+    (f.processed / "not-a-bucket").mkdir()
+    assert f.store.prune_gone_buckets({"p32x24", "p24x32"}) == ["r256_p16x16"]
+    assert sorted(os.listdir(f.processed)) == ["not-a-bucket", "p32x24"]
 
 
 def test_an_older_table_without_pack_offsets_renders_again(tmp_path):
