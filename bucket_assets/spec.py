@@ -23,6 +23,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    StrictBool,
     StringConstraints,
     ValidationError,
     ValidationInfo,
@@ -77,6 +78,10 @@ class WebDatasetSource(_Model):
     paths: list[str] = Field(min_length=1)
     caption_variant: str = "alt_text"
     image_extensions: list[str] = ["jpg", "jpeg", "png", "webp"]
+    # img2dataset's per-shard <shard>.parquet beside <shard>.tar (every row of the shard, failed
+    # downloads included): auto reads it where it exists, true also counts a tar without one
+    # (source_files_skipped: missing_shard_parquet), false never reads it.
+    read_shard_parquet: Literal["auto"] | StrictBool = "auto"
 
     _name = field_validator("name")(_check_name)
 

@@ -2,7 +2,8 @@
 
 A source is a list of scan units, in the order its reader reads them:
 
-    webdataset  each tar (sorted glob matches)                 fingerprint: lstat of the tar
+    webdataset  each tar (sorted glob matches)                 fingerprint: lstat of the tar (+ of its
+                                                               img2dataset <shard>.parquet, or its absence)
     parquet     the parquet file with its image dir            lstat of the file + the dir's image entries
     folder      each directory (os.walk order, sorted)         its entries' names and lstat
     urls        each metadata parquet (sorted glob matches)    lstat of the file (+ its url_downloads rows)
@@ -173,7 +174,7 @@ class ScanCache:
 
         if isinstance(source, WebDatasetSource):
             for path in webdataset.unit_paths(source):
-                yield path, webdataset.fingerprint(path), None
+                yield path, webdataset.fingerprint(source, path), None
         elif isinstance(source, ParquetSource):
             yield source.path, parquet.fingerprint(source), None
         elif isinstance(source, FolderSource):

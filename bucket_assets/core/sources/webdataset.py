@@ -4,6 +4,16 @@ Tars from the web are often damaged: 0-byte or cut by an interrupted download, a
 overwritten, a size field claiming 64 GiB. The reader keeps every member it can find, resumes
 after a damaged header at the next valid one (uncompressed tars), and counts what it skipped;
 a whole tar it cannot read is a per-file reason, never an error that stops the scan.
+
+img2dataset writes, beside each `<shard>.tar`, a `<shard>.parquet` with one row per URL of the
+shard, failed ones included (`key`, `status`, `error_message`, the input and additional
+columns, sizes). Where the source reads it (`read_shard_parquet`), a tar sample takes its row as
+metadata under the tar's .json (the .json wins where both have a key), and every row without a
+sample becomes a record of its own: `failed_to_download` -> download_failed,
+`failed_to_resize` -> decode_error (img2dataset's error_message as the detail), a `success`
+row whose image is not in the tar -> missing_image. The parquet is read whole for its one tar
+(an img2dataset shard is ~10k rows; rows are looked up by key, since img2dataset writes both
+files in download-completion order).
 """
 
 from __future__ import annotations
@@ -17,11 +27,14 @@ import tarfile
 import zlib
 from typing import BinaryIO, Iterator
 
+import pyarrow.parquet as pq
+
 from bucket_assets.core.captions import clean_caption
 from bucket_assets.core.sources import (
     RawRecord, ScanStats, caption_from_sidecar, check_input_file, open_regular, stat_token,
 )
 from bucket_assets.core.sources.values import caption_bytes_limit, load_json_object, read_prefix
+from bucket_assets.core.sources.values import text as as_text
 from bucket_assets.spec import WebDatasetSource
 
 # A .json sidecar larger than this is not parsed; its record is skipped as json_too_large
@@ -92,15 +105,37 @@ def unit_paths(source: WebDatasetSource) -> list[str]:
     return sorted({p for pattern in source.paths for p in glob.glob(pattern)})
 
 
-def fingerprint(path: str) -> str:
-    return stat_token(path)
+_TAR_SUFFIXES = (".tar.gz", ".tar.bz2", ".tar.xz", ".tgz", ".tar")
+
+
+def shard_parquet_path(path: str) -> str:
+    """img2dataset's per-shard parquet of a tar: <shard>.parquet beside <shard>.tar."""
+    d, base = os.path.split(path)
+    for suffix in _TAR_SUFFIXES:
+        if base.lower().endswith(suffix) and len(base) > len(suffix):
+            return os.path.join(d, base[: -len(suffix)] + ".parquet")
+    return os.path.join(d, os.path.splitext(base)[0] + ".parquet")
+
+
+def fingerprint(source: WebDatasetSource, path: str) -> str:
+    """The tar's lstat, then (unless read_shard_parquet is false) its shard parquet's, or the
+    error lstat gave: adding, changing or removing the parquet rescans the tar. Opens nothing.
+    The tar's part comes first: a worker checks it before and after its scan."""
+    if source.read_shard_parquet is False:
+        return stat_token(path)
+    return f"{stat_token(path)}|{stat_token(shard_parquet_path(path))}"
 
 
 def scan_file(source: WebDatasetSource, path: str, stats: ScanStats, max_caption_chars: int) -> Iterator[RawRecord]:
-    """The records of one tar; a tar that cannot be read at all is a per-file reason in `stats`."""
+    """The records of one tar and of its shard parquet's rows; a tar (or parquet) that cannot
+    be read at all is a per-file reason in `stats`. The parquet's rows are records even when
+    the tar cannot be read: its successes are then missing_image."""
     exts = {e.lower().lstrip(".") for e in source.image_extensions}
+    shard = _read_shard(source, path, stats) if source.read_shard_parquet is not False else None
     if check_input_file(path, stats, source.name):
-        yield from _scan_tar(path, source, exts, stats, max_caption_chars)
+        yield from _scan_tar(path, source, exts, stats, max_caption_chars, shard)
+    elif shard is not None:
+        yield from _shard_only(path, source, shard, max_caption_chars)
 
 
 def scan(source: WebDatasetSource, stats: ScanStats, max_caption_chars: int) -> Iterator[RawRecord]:
@@ -201,7 +236,112 @@ def _first_line(exc: BaseException) -> str:
     return s.splitlines()[0] if s else type(exc).__name__
 
 
-def _scan_tar(path, source, exts, stats, max_chars) -> Iterator[RawRecord]:
+class _Shard:
+    """One shard parquet's rows: key -> (row number, row) in file order, the rows without a key,
+    and the rows that repeat a key (both kept as records)."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.rows: dict[str, tuple[int, dict]] = {}
+        self.unkeyed: list[tuple[int, dict]] = []
+        self.repeated: list[tuple[int, str, dict]] = []
+
+
+# img2dataset's status of a row without an image in the tar -> its reason.
+_FAILED = {"failed_to_download": "download_failed", "failed_to_resize": "decode_error"}
+SHARD_BATCH = 4096
+
+
+def _read_shard(source: WebDatasetSource, tar: str, stats: ScanStats) -> _Shard | None:
+    """The tar's shard parquet, or None: absent (counted as missing_shard_parquet when the
+    source says read_shard_parquet: true), or not readable (a per-file reason; the tar is still
+    read, from itself alone)."""
+    path = shard_parquet_path(tar)
+    try:
+        os.lstat(path)
+    except FileNotFoundError:
+        if source.read_shard_parquet is True:
+            stats.add_file("missing_shard_parquet",
+                           f"source {source.name}: {tar} has no shard parquet {path} (read_shard_parquet: true)")
+        return None
+    except OSError:
+        pass  # check_input_file names it
+    if not check_input_file(path, stats, source.name):
+        return None
+    shard = _Shard(path)
+    try:
+        with open_regular(path) as f, pq.ParquetFile(f) as pf:
+            names = pf.schema_arrow.names
+            missing = [c for c in ("key", "status") if c not in names]
+            if missing:
+                raise ValueError(f"no column {', '.join(map(repr, missing))} (not an img2dataset shard parquet)")
+            i = 0
+            for batch in pf.iter_batches(batch_size=SHARD_BATCH):
+                for row in batch.to_pylist():
+                    key = row.get("key")
+                    key = None if key is None else as_text(key)[0]
+                    if not key:
+                        shard.unkeyed.append((i, row))
+                    elif key in shard.rows:
+                        shard.repeated.append((i, key, row))
+                    else:
+                        shard.rows[key] = (i, row)
+                    i += 1
+    except Exception as exc:  # noqa: BLE001 - pyarrow raises many kinds for a damaged file
+        stats.add_file("unreadable_shard_parquet",
+                       f"source {source.name}: cannot read shard parquet {path}: {_first_line(exc)}")
+        return None
+    return shard
+
+
+def _apply_meta(rec: RawRecord, meta: dict, max_chars: int, caption_field: str) -> None:
+    """The standard fields from a record's metadata (the tar .json over its parquet row)."""
+    rec.meta = meta
+    rec.url = _get(meta, "url", "URL")
+    rec.similarity = _get(meta, "similarity", "SIMILARITY")
+    rec.nsfw = _get(meta, "NSFW", "nsfw")
+    rec.license = _get(meta, "LICENSE", "license")
+    rec.orig_w = _get(meta, "original_width", "WIDTH", "width")
+    rec.orig_h = _get(meta, "original_height", "HEIGHT", "height")
+    caption = _get(meta, "caption", "TEXT")
+    if rec.caption is None and isinstance(caption, str):
+        rec.caption, flags = clean_caption(caption, max_chars)
+        rec.caption_field = caption_field
+        rec.notes.extend(flags)
+
+
+def _shard_only(tar: str, source: WebDatasetSource, shard: _Shard, max_chars: int) -> Iterator[RawRecord]:
+    """Records for the shard parquet's rows that no tar sample took, in file order."""
+    from bucket_assets.core.sources.parquet import missing_id
+
+    left: list[tuple[int, str | None, dict]] = [(i, k, r) for k, (i, r) in shard.rows.items()]
+    left += [(i, None, r) for i, r in shard.unkeyed]
+    left += shard.repeated
+    left.sort(key=lambda t: t[0])
+    repeated = {i for i, _k, _r in shard.repeated}
+    for i, key, row in left:
+        if key is None:
+            rec = missing_id(source.name, shard.path, i, row)
+            rec.issue_detail = f"{shard.path}: row {i} has a null key"
+        else:
+            rec = RawRecord(image_id=key, source=source.name, location=tar, meta=row)
+            status = as_text(row.get("status"))[0]
+            message = as_text(row.get("error_message"))[0]
+            if i in repeated:
+                rec.issue = "duplicate_id"
+                rec.issue_detail = f"{shard.path}: row {i} repeats key {key}"
+            elif status in _FAILED:
+                rec.issue = _FAILED[status]
+                rec.issue_detail = message or f"img2dataset status {status}"
+            else:
+                rec.issue = "missing_image"
+                rec.issue_detail = (f"{tar}: key {key} has no image in the tar "
+                                    f"(status {status or 'null'} in {os.path.basename(shard.path)})")
+        _apply_meta(rec, row, max_chars, "parquet.caption")
+        yield rec
+
+
+def _scan_tar(path, source, exts, stats, max_chars, shard: _Shard | None = None) -> Iterator[RawRecord]:
     samples: dict[str, dict[str, tarfile.TarInfo]] = {}
     order: list[str] = []
     sidecars: dict[tuple[str, str], tuple[bytes, bool]] = {}
@@ -254,26 +394,26 @@ def _scan_tar(path, source, exts, stats, max_chars) -> Iterator[RawRecord]:
             rec.caption_field = "txt"
             rec.notes.extend(flags)
         raw_json = sidecars.get((key, "json"))
+        meta = None
         if raw_json is not None:
             data, too_large = raw_json
             if too_large:
                 rec.issue = rec.issue or "json_too_large"
                 rec.issue_detail = rec.issue_detail or (
                     f"{path}: {key}.json is over {MAX_JSON_SIDECAR >> 20} MiB or unreadable; its filters cannot be applied")
-                meta = None
             else:
                 meta, flags = load_json_object(data)
                 rec.notes.extend(sorted(flags))
             meta = meta or {}
-            rec.meta = meta
-            rec.url = _get(meta, "url", "URL")
-            rec.similarity = _get(meta, "similarity", "SIMILARITY")
-            rec.nsfw = _get(meta, "NSFW", "nsfw")
-            rec.license = _get(meta, "LICENSE", "license")
-            rec.orig_w = _get(meta, "original_width", "WIDTH", "width")
-            rec.orig_h = _get(meta, "original_height", "HEIGHT", "height")
-            if rec.caption is None and isinstance(_get(meta, "caption", "TEXT"), str):
-                rec.caption, flags = clean_caption(_get(meta, "caption", "TEXT"), max_chars)
-                rec.caption_field = "json.caption"
-                rec.notes.extend(flags)
+            _apply_meta(rec, meta, max_chars, "json.caption")
+        row = shard.rows.pop(key, None) if shard is not None else None
+        if row is not None:
+            row = row[1]
+            if as_text(row.get("status"))[0] != "success":
+                rec.notes.append("shard_status_mismatch")  # a sample img2dataset says it did not write
+            # The tar's .json wins where both have a key; the row fills in the rest (a caption
+            # only where neither the .txt nor the .json gave one).
+            _apply_meta(rec, row if meta is None else {**row, **meta}, max_chars, "parquet.caption")
         yield rec
+    if shard is not None:
+        yield from _shard_only(path, source, shard, max_chars)
