@@ -29,6 +29,7 @@ from pydantic import (
     ValidationInfo,
     WrapValidator,
     field_validator,
+    model_validator,
 )
 from pydantic_core import PydanticCustomError
 
@@ -92,25 +93,48 @@ ColumnName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_ .:
 
 
 class ParquetColumns(_Model):
-    id: ColumnName = "id"
+    # None: no id column; a record's id is then "<file stem>-<row index in the file>".
+    id: ColumnName | None = "id"
     caption: ColumnName | None = "caption"
     fallback_caption: ColumnName | None = None
     width: ColumnName | None = None
     height: ColumnName | None = None
     url: ColumnName | None = None
     license: ColumnName | None = None
+    # The image bytes inside the parquet (Hugging Face `datasets` Image feature: a struct
+    # {bytes, path}; or a plain binary column); then the source needs no image_dir.
+    image: ColumnName | None = None
+
+
+PathList = Annotated[list[str], Field(min_length=1)]
+
+
+def source_paths(path: str | list[str]) -> list[str]:
+    """A source `path` as a list of files or globs."""
+    return [path] if isinstance(path, str) else list(path)
 
 
 class ParquetSource(_Model):
     name: str
     kind: Literal["parquet"]
-    path: str
-    image_dir: str
+    path: str | PathList  # a file, a glob or a list of them (read in sorted order)
+    image_dir: str | None = None  # <image_dir>/<id>.<ext>, unless columns.image holds the bytes
     columns: ParquetColumns = ParquetColumns()
     caption_variant: str = "caption"
     image_extensions: list[str] = ["jpg", "jpeg", "png", "webp"]
 
     _name = field_validator("name")(_check_name)
+
+    @model_validator(mode="after")
+    def _one_image_place(self):
+        if self.image_dir is None and self.columns.image is None:
+            raise ValueError("a parquet source needs image_dir (images in a folder, by id) or columns.image "
+                             "(the image bytes in the parquet)")
+        if self.image_dir is not None and self.columns.image is not None:
+            raise ValueError("image_dir and columns.image both say where the images are: give one")
+        if self.image_dir is not None and self.columns.id is None:
+            raise ValueError("columns.id is needed with image_dir: a record's image is <image_dir>/<id>.<ext>")
+        return self
 
 
 class FolderSource(_Model):
@@ -124,9 +148,17 @@ class FolderSource(_Model):
 
 
 class UrlColumns(ParquetColumns):
+    id: ColumnName = "id"  # required here: downloads are keyed by it
     url: ColumnName = "url"  # required here: it is where the image is
     similarity: ColumnName | None = None
     nsfw: ColumnName | None = None
+
+    @field_validator("image")
+    @classmethod
+    def _no_image(cls, v):
+        if v is not None:
+            raise ValueError("a urls source downloads its images; columns.image is for kind: parquet")
+        return v
 
 
 class Download(_Model):
@@ -148,7 +180,7 @@ class UrlSource(_Model):
 
     name: str
     kind: Literal["urls"]
-    path: str  # a parquet file or a glob of them (read in sorted order)
+    path: str | PathList  # a parquet file, a glob or a list of them (read in sorted order)
     columns: UrlColumns = UrlColumns()
     caption_variant: str = "alt_text"
     download: Download = Download()
@@ -402,10 +434,12 @@ def _resolve(spec: Spec, base: Path) -> Spec:
     for s in spec.sources:
         if isinstance(s, WebDatasetSource):
             sources.append(s.model_copy(update={"paths": [_abs(base, p, pattern=True) for p in s.paths]}))
-        elif isinstance(s, UrlSource):
-            sources.append(s.model_copy(update={"path": _abs(base, s.path, pattern=True)}))
-        elif isinstance(s, ParquetSource):
-            sources.append(s.model_copy(update={"path": _abs(base, s.path), "image_dir": _abs(base, s.image_dir)}))
+        elif isinstance(s, (UrlSource, ParquetSource)):
+            path = [_abs(base, p, pattern=True) for p in source_paths(s.path)]
+            update = {"path": path[0] if isinstance(s.path, str) else path}
+            if isinstance(s, ParquetSource) and s.image_dir is not None:
+                update["image_dir"] = _abs(base, s.image_dir)
+            sources.append(s.model_copy(update=update))
         else:
             sources.append(s.model_copy(update={"path": _abs(base, s.path)}))
     captions = spec.captions.model_copy(update={"landing_dir": _abs(base, spec.captions.landing_dir)})
@@ -514,17 +548,19 @@ def check_paths(spec: Spec) -> None:
                 inputs.append((pattern, pattern, glob.glob(pattern)))
                 if not inputs[-1][2]:
                     raise SpecError(f"spec error at {where}.paths[{j}]: no file matches {pattern}")
-        elif isinstance(s, UrlSource):
-            inputs.append((s.path, s.path, glob.glob(s.path)))
-            if not inputs[-1][2]:
-                raise SpecError(f"spec error at {where}.path: no file matches {s.path}")
-        elif isinstance(s, ParquetSource):
-            if not os.path.isfile(s.path):
-                raise SpecError(f"spec error at {where}.path: file {s.path} does not exist")
-            if not os.path.isdir(s.image_dir):
-                raise SpecError(f"spec error at {where}.image_dir: directory {s.image_dir} does not exist")
-            inputs.append((glob.escape(s.path), s.path, [s.path]))
-            inputs.append((os.path.join(glob.escape(s.image_dir), "*"), s.image_dir, []))
+        elif isinstance(s, (UrlSource, ParquetSource)):
+            many = not isinstance(s.path, str)
+            for j, pattern in enumerate(source_paths(s.path)):
+                key = f"{where}.path[{j}]" if many else f"{where}.path"
+                inputs.append((pattern, pattern, glob.glob(pattern)))
+                if not inputs[-1][2]:
+                    if isinstance(s, ParquetSource) and not glob.has_magic(pattern):
+                        raise SpecError(f"spec error at {key}: file {pattern} does not exist")
+                    raise SpecError(f"spec error at {key}: no file matches {pattern}")
+            if isinstance(s, ParquetSource) and s.image_dir is not None:
+                if not os.path.isdir(s.image_dir):
+                    raise SpecError(f"spec error at {where}.image_dir: directory {s.image_dir} does not exist")
+                inputs.append((os.path.join(glob.escape(s.image_dir), "*"), s.image_dir, []))
         else:
             if not os.path.isdir(s.path):
                 raise SpecError(f"spec error at {where}.path: directory {s.path} does not exist")

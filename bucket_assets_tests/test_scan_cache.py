@@ -467,7 +467,7 @@ def test_a_source_that_cannot_be_read_fails_in_one_line(tmp_path):
     spec = _spec(tmp_path, raw)
     from bucket_assets.core.sources.parquet import SourceError
 
-    with pytest.raises(SourceError, match=r"^source pcb: parquet has no column 'id' \(columns.id\)$"):
+    with pytest.raises(SourceError, match=r"^source pcb: parquet has no column 'id' \(columns.id\) in /.*/meta\.parquet$"):
         _build(spec)
     # The parts scanned before it were committed: fixing the parquet does not rescan the tars
     # (the folder, after it in spec order, was not reached by this in-process scan).

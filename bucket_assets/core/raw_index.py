@@ -71,20 +71,24 @@ RAW_INDEX_SCHEMA = pa.schema(
 )
 
 
-def _probe_task(task: tuple[str | None, str | None, int | None, int | None, int]) -> dict:
+def _probe_task(task: tuple[str | None, str | None, int | None, int | None, int], data: bytes | None = None,
+                where: str | None = None) -> dict:
+    """Hash and probe a record's image: `data` when the scan holds its bytes already, else read
+    from where it is. `where` names the bytes in a failure's detail (a parquet row)."""
     location, member, offset, size, max_pixels = task
     out: dict = {"sha256": None, "byte_size": None, "issue": None, "issue_detail": None}
-    try:
-        data = read_bytes(location, member, offset, size)  # type: ignore[arg-type]
-    except (OSError, MemoryError, ValueError) as exc:
-        out.update(issue="read_error", issue_detail=str(exc) or type(exc).__name__)
-        return out
+    if data is None:
+        try:
+            data = read_bytes(location, member, offset, size)  # type: ignore[arg-type]
+        except (OSError, MemoryError, ValueError) as exc:
+            out.update(issue="read_error", issue_detail=str(exc) or type(exc).__name__)
+            return out
     out["byte_size"] = len(data)
     out["sha256"] = hashlib.sha256(data).hexdigest()
     try:
         h = probe(data, max_pixels)
     except ImageError as exc:
-        out.update(issue=exc.reason, issue_detail=exc.detail)
+        out.update(issue=exc.reason, issue_detail=f"{where}: {exc.detail}" if where else exc.detail)
         return out
     out.update(width=h.width, height=h.height, format=h.format, mode=h.mode, orientation=h.orientation)
     return out
@@ -171,7 +175,7 @@ def _unit_token(source: Source, unit: str) -> str:
     the tar, the URL file, the parquet file, or of the folder directory itself. (A folder's or
     image dir's full digest lists every entry, which each part would pay for; the files a part
     reads are checked one by one instead.)"""
-    return stat_token(source.path if isinstance(source, ParquetSource) else unit)
+    return stat_token(unit)
 
 
 def _listed_token(source: Source, fingerprint: str) -> str | None:
@@ -210,7 +214,7 @@ def _records(source: Source, task: ScanTask, stats: ScanStats, downloads: dict) 
     if isinstance(source, WebDatasetSource):
         records = webdataset.scan_file(source, task.unit, stats, task.max_chars)
     elif isinstance(source, ParquetSource):
-        records = parquet.scan(source, stats, task.max_chars, task.start, task.stop)
+        records = parquet.scan_file(source, task.unit, stats, task.max_chars, task.start, task.stop)
     elif isinstance(source, FolderSource):
         records = folder.scan_dir(source, task.unit, stats, task.max_chars, task.start, task.stop)
     else:
@@ -232,7 +236,7 @@ def unit_rows(source: Source, unit: str) -> int | None:
     from bucket_assets.core.sources.parquet import num_rows
 
     if isinstance(source, (ParquetSource, UrlSource)):
-        return num_rows(source.path if isinstance(source, ParquetSource) else unit)
+        return num_rows(unit)
     return None
 
 
@@ -270,7 +274,12 @@ def scan_part(task: ScanTask) -> dict:
                 for rec, (dup_detail, dup_notes) in _records(source, task, stats, downloads):
                     row = record_row(0, rec, source.kind)
                     del row["row_id"]
-                    if rec.issue is None:
+                    if rec.issue is None and rec.data is not None:  # bytes the scan read from the unit itself
+                        where = f"{rec.location}: row {rec.offset}" + (f" ({rec.hint})" if rec.hint else "")
+                        row.update(_probe_task((rec.location, rec.member, rec.offset, rec.size, task.max_pixels),
+                                               rec.data, where))
+                        rec.data = None
+                    elif rec.issue is None:
                         if plain:
                             read.append((rec.location, stat_token(rec.location)))
                             if rec.caption_field == "txt":

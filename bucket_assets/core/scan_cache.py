@@ -4,7 +4,7 @@ A source is a list of scan units, in the order its reader reads them:
 
     webdataset  each tar (sorted glob matches)                 fingerprint: lstat of the tar (+ of its
                                                                img2dataset <shard>.parquet, or its absence)
-    parquet     the parquet file with its image dir            lstat of the file + the dir's image entries
+    parquet     each parquet file (sorted glob/list matches)   lstat of the file (+ the image dir's image entries)
     folder      each directory (os.walk order, sorted)         its entries' names and lstat
     urls        each metadata parquet (sorted glob matches)    lstat of the file (+ its url_downloads rows)
 
@@ -176,7 +176,8 @@ class ScanCache:
             for path in webdataset.unit_paths(source):
                 yield path, webdataset.fingerprint(source, path), None
         elif isinstance(source, ParquetSource):
-            yield source.path, parquet.fingerprint(source), None
+            for path in parquet.files(source):
+                yield path, parquet.fingerprint(source, path), None
         elif isinstance(source, FolderSource):
             for d, state in folder.walk_dirs(source):
                 if state.candidates:  # a directory with no image file has no record

@@ -244,8 +244,10 @@ class StoreRun:
             kept = ", ".join(f'"prev_{c}" AS "{c}"' if (c, t) in _RESULT_COLUMNS else f'"{c}"' for c, t in COLUMNS)
             self._copy(con, f"SELECT {kept} FROM read_parquet($src) WHERE reuse ORDER BY bucket_id, key",
                        self.decided, self.kept)
+            # Rendered in source order (file, then offset or row): each tar and parquet file is read
+            # front to back, and a worker reads each parquet row group's images once.
             self._copy(con, f"SELECT {', '.join(TASK_COLUMNS)} FROM read_parquet($src) WHERE NOT reuse "
-                            "ORDER BY bucket_id, key", self.decided, self.todo)
+                            "ORDER BY location, data_offset, bucket_id, key", self.decided, self.todo)
             counts = con.execute(
                 "SELECT bucket_id, count(*), count(*) FILTER (WHERE NOT reuse) FROM read_parquet($src) GROUP BY bucket_id",
                 {"src": str(self.decided)},
@@ -279,7 +281,7 @@ class StoreRun:
 
     # -- render ----------------------------------------------------------------------------
     def tasks(self) -> Iterator[RenderTask]:
-        """The samples to render, in (bucket, key) order, read from the plan in batches."""
+        """The samples to render, in source order, read from the plan in batches."""
         for row in _read_rows(self.todo, self.batch_rows):
             yield RenderTask(**row, store_dir=store_dir(self.processed_dir, row["bucket_id"]), params=self.params,
                              store_token=self.token)

@@ -236,7 +236,7 @@ def test_the_plan_and_results_move_in_bounded_batches(tmp_path):
         # Every result of the tasks read before this one is journaled already.
         lines = sum(len(journal_path(f.processed, b).read_text().splitlines())
                     for b in BUCKETS if journal_path(f.processed, b).exists())
-        seen.append((task.key, lines))
+        seen.append((task.key, lines, (task.location, task.data_offset or 0)))
 
     with f.store.run(BUCKETS, PARAMS, "t") as run:
         # DuckDB writes row groups of whole 2048-row vectors: reading one back holds at most that.
@@ -248,9 +248,10 @@ def test_the_plan_and_results_move_in_bounded_batches(tmp_path):
         assert groups == [3, 3, 3, 3, 2]
         assert pq.read_schema(run.results).equals(PROCESSED_SCHEMA)
         done = run.finish()
-    assert [lines for _, lines in seen] == list(range(14))
-    assert [k for k, _ in seen] == sorted(k for k, _ in seen if k.startswith("img1")) + sorted(
-        k for k, _ in seen if k.startswith("img0"))  # bucket by bucket (p24x32 < p32x24), in key order
+    assert [lines for _, lines, _ in seen] == list(range(14))
+    # In source order (file, then offset), not bucket by bucket: files are read front to back.
+    where = [w for _, _, w in seen]
+    assert where == sorted(where) and len(set(where)) == 14
     assert done.samples == 14 and len(f.rows()) == 14
 
 

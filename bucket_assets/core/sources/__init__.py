@@ -21,9 +21,9 @@ from bucket_assets.spec import FolderSource, ParquetSource, Source, UrlSource, W
 class RawRecord:
     image_id: str
     source: str
-    location: str | None  # image file, or the tar that holds it
-    member: str | None = None  # tar member name
-    offset: int | None = None  # data offset in an uncompressed tar
+    location: str | None  # image file, or the tar (or parquet file) that holds it
+    member: str | None = None  # tar member name (a parquet file: the image column)
+    offset: int | None = None  # data offset in an uncompressed tar (a parquet file: the row)
     size: int | None = None
     caption: str | None = None
     caption_field: str | None = None
@@ -37,6 +37,10 @@ class RawRecord:
     issue: str | None = None  # a reason known at scan time (missing_file, missing_image, ...)
     issue_detail: str | None = None
     notes: list[str] = field(default_factory=list)  # non-fatal flags (invalid_similarity, ...)
+    # Not kept in the index: the image bytes when the scan already holds them (parquet with
+    # embedded images), and the row's file-name hint for them.
+    data: bytes | None = None
+    hint: str | None = None
 
 
 MAX_NOTES = 200  # detail lines kept per scan (the counts are always complete)
@@ -234,10 +238,12 @@ def open_regular(path: str) -> BinaryIO:
 
 
 _COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00")
+_PARQUET_MAGIC = b"PAR1"
 
 
 def read_bytes(location: str, member: str | None, offset: int | None, size: int | None) -> bytes:
-    """The image bytes of a record: a plain file, a seek into an uncompressed tar, or a tar member."""
+    """The image bytes of a record: a plain file, a seek into an uncompressed tar, a tar member,
+    or a row of a parquet file's image column (member: the column, offset: the row)."""
     try:
         f = open_regular(location)
     except OSError as exc:
@@ -248,7 +254,16 @@ def read_bytes(location: str, member: str | None, offset: int | None, size: int 
         with f:
             return f.read()
     with f:
-        compressed = f.read(6).startswith(_COMPRESSED_MAGIC)
+        head = f.read(6)
+        if head.startswith(_PARQUET_MAGIC) and offset is not None:
+            # A parquet file starts and ends with PAR1 (a tar ends with zero blocks, never so).
+            f.seek(-4, os.SEEK_END)
+            if f.read(4) == _PARQUET_MAGIC:
+                from bucket_assets.core.sources.parquet import read_image
+
+                return read_image(location, member, offset, size)
+            f.seek(6)
+        compressed = head.startswith(_COMPRESSED_MAGIC)
         if offset is not None and size is not None and not compressed:
             total = os.fstat(f.fileno()).st_size
             if offset + size > total:  # never ask for bytes a (cut or lying) tar does not have

@@ -1,7 +1,12 @@
-"""photo-concept-bucket style: a parquet of metadata plus an image folder keyed by id."""
+"""Parquet sources: photo-concept-bucket style (metadata rows plus an image folder keyed by id),
+or Hugging Face Hub style (the image bytes in a column, split over many files).
+
+A source's files (a file, a glob or a list, read in sorted order) are its scan units."""
 
 from __future__ import annotations
 
+import bisect
+import glob
 import os
 from typing import Iterator
 
@@ -11,7 +16,7 @@ import pyarrow.parquet as pq
 from bucket_assets.core.captions import clean_caption
 from bucket_assets.core.sources import RawRecord, ScanStats, dir_state, stat_token
 from bucket_assets.core.sources.values import is_regular_file
-from bucket_assets.spec import ParquetColumns, ParquetSource
+from bucket_assets.spec import ParquetColumns, ParquetSource, source_paths
 
 
 class SourceError(ValueError):
@@ -28,10 +33,14 @@ def _text(value) -> str | bytes | None:
     return str(value)
 
 
+def row_id(path: str, row: int) -> str:
+    """The id of a row when the source has no id column (or the row's id is null)."""
+    return f"{os.path.basename(path).rsplit('.', 1)[0]}-{row}"
+
+
 def missing_id(source_name: str, path: str, row: int, meta: dict) -> RawRecord:
     """A row without an id is still a record: it is counted under reason missing_id."""
-    stem = os.path.basename(path).rsplit(".", 1)[0]
-    return RawRecord(image_id=f"{stem}-{row}", source=source_name, location=None, meta=meta,
+    return RawRecord(image_id=row_id(path, row), source=source_name, location=None, meta=meta,
                      issue="missing_id", issue_detail=f"{path}: row {row} has a null id")
 
 
@@ -39,10 +48,21 @@ def extensions(source: ParquetSource) -> list[str]:
     return [e.lower().lstrip(".") for e in source.image_extensions]
 
 
-def fingerprint(source: ParquetSource) -> str:
-    """The parquet file's stat and the image dir's image entries (a record's image is found by
-    name there): what the records depend on, without opening anything."""
-    return f"{stat_token(source.path)}|{dir_state(source.image_dir, extensions(source), only_candidates=True).token}"
+def files(source: ParquetSource) -> list[str]:
+    """The source's parquet files in reading order: every match of its path(s), sorted."""
+    found = sorted({m for pattern in source_paths(source.path) for m in glob.glob(pattern)})
+    if not found:
+        raise SourceError(f"source {source.name}: no parquet matches {source.path}")
+    return found
+
+
+def fingerprint(source: ParquetSource, path: str) -> str:
+    """A parquet file's stat, and for images in a folder the image dir's image entries (a
+    record's image is found by name there): what the file's records depend on, without opening
+    anything."""
+    if source.image_dir is None:
+        return stat_token(path)
+    return f"{stat_token(path)}|{dir_state(source.image_dir, extensions(source), only_candidates=True).token}"
 
 
 def num_rows(path: str) -> int | None:
@@ -85,36 +105,67 @@ def row_range(pf: pq.ParquetFile, columns: list[str] | None, start: int, stop: i
             return
 
 
-def scan(source: ParquetSource, stats: ScanStats, max_caption_chars: int, start: int = 0,
-         stop: int | None = None) -> Iterator[RawRecord]:
-    """The records of rows [start, stop) of the source's parquet (all of them by default)."""
+def image_column_kind(source_name: str, schema: pa.Schema, col: str) -> str:
+    """'struct' (the `datasets` Image feature: {bytes, path}) or 'binary'; anything else is the
+    source's error."""
+    tp = schema.field(col).type
+    if pa.types.is_binary(tp) or pa.types.is_large_binary(tp):
+        return "binary"
+    if pa.types.is_struct(tp):
+        names = [tp.field(i).name for i in range(tp.num_fields)]
+        if "bytes" in names:
+            bt = tp.field("bytes").type
+            if pa.types.is_binary(bt) or pa.types.is_large_binary(bt):
+                return "struct"
+    raise SourceError(f"source {source_name}: column {col!r} (columns.image) must be a struct {{bytes, path}} "
+                      f"(the Hugging Face Image feature) or binary, got {tp}")
+
+
+# Rows per batch when the batch carries image bytes: the scan's memory is one row group's
+# column chunk (what parquet decodes at once) plus this many images.
+IMAGE_BATCH = 64
+
+
+def _check_schema(source: ParquetSource, path: str) -> tuple[pa.Schema, str | None]:
+    """The file's schema after checking the spec's columns against it, and the id column to
+    read (None: ids are "<file stem>-<row>", also where the default `id` column is absent)."""
     cols = source.columns
+    if not is_regular_file(path):
+        raise SourceError(f"source {source.name}: {path} is not a regular file (symlinks and FIFOs are not read)")
+    try:
+        schema = pq.read_schema(path)
+    except Exception as exc:  # noqa: BLE001
+        raise SourceError(f"source {source.name}: cannot read parquet {path}: {exc}") from None
+    id_col = cols.id
+    if cols.image is not None and id_col == "id" and "id" not in schema.names and "id" not in cols.model_fields_set:
+        id_col = None  # Hub datasets rarely have one: rows are named by file and row
     wanted = {
-        "id": cols.id,
+        "id": id_col,
         "caption": cols.caption,
         "fallback_caption": cols.fallback_caption,
         "width": cols.width,
         "height": cols.height,
         "url": cols.url,
         "license": cols.license,
+        "image": cols.image,
     }
-    if not is_regular_file(source.path):
-        raise SourceError(f"source {source.name}: {source.path} is not a regular file (symlinks and FIFOs are not read)")
-    try:
-        schema = pq.read_schema(source.path)
-    except Exception as exc:  # noqa: BLE001
-        raise SourceError(f"source {source.name}: cannot read parquet {source.path}: {exc}") from None
     for role, col in wanted.items():
         if col is not None and col not in schema.names:
-            raise SourceError(f"source {source.name}: parquet has no column {col!r} (columns.{role})")
-    id_type = schema.field(cols.id).type
-    if not (pa.types.is_string(id_type) or pa.types.is_large_string(id_type) or pa.types.is_integer(id_type)):
-        raise SourceError(f"source {source.name}: column {cols.id!r} (columns.id) must be string or integer, got {id_type}")
+            raise SourceError(f"source {source.name}: parquet has no column {col!r} (columns.{role}) in {path}")
+    if id_col is not None:
+        id_type = schema.field(id_col).type
+        if not (pa.types.is_string(id_type) or pa.types.is_large_string(id_type) or pa.types.is_integer(id_type)):
+            raise SourceError(f"source {source.name}: column {id_col!r} (columns.id) must be string or integer, got {id_type}")
     for role in ("width", "height"):
         col = wanted[role]
         if col is not None and not pa.types.is_integer(schema.field(col).type) and not pa.types.is_floating(schema.field(col).type):
             raise SourceError(f"source {source.name}: column {col!r} (columns.{role}) must be numeric, got {schema.field(col).type}")
+    if cols.image is not None:
+        image_column_kind(source.name, schema, cols.image)
+    return schema, id_col
 
+
+def _images_by_stem(source: ParquetSource) -> dict[str, str]:
     # One directory listing instead of a stat per row.
     exts = extensions(source)
     by_stem: dict[str, str] = {}
@@ -125,30 +176,63 @@ def scan(source: ParquetSource, stats: ScanStats, max_caption_chars: int, start:
                 prev = by_stem.get(stem)
                 if prev is None or exts.index(ext.lower()) < exts.index(prev.rpartition(".")[2].lower()):
                     by_stem[stem] = entry.name
+    return by_stem
 
-    for row, values in read_rows(source.name, source.path, None, start, stop):
-        raw_id = values[cols.id]
+
+def scan(source: ParquetSource, stats: ScanStats, max_caption_chars: int) -> Iterator[RawRecord]:
+    """Every record of the source, file by file."""
+    for path in files(source):
+        yield from scan_file(source, path, stats, max_caption_chars)
+
+
+def scan_file(source: ParquetSource, path: str, stats: ScanStats, max_caption_chars: int, start: int = 0,
+              stop: int | None = None) -> Iterator[RawRecord]:
+    """The records of rows [start, stop) of one of the source's parquet files (all by default).
+
+    With columns.image a record's image is (this file, the image column, its row): `location`,
+    `member` and `offset`, read back by sources.read_bytes; the scan hands its bytes to the probe
+    as `data`, so the file is read once, in order."""
+    cols = source.columns
+    _schema, id_col = _check_schema(source, path)
+    by_stem = _images_by_stem(source) if source.image_dir is not None else None
+    image = cols.image
+    batch = IMAGE_BATCH if image is not None else 4096
+    for row, values in read_rows(source.name, path, None, start, stop, batch):
+        raw_image = values.pop(image) if image is not None else None
+        hint = None
+        if isinstance(raw_image, dict):  # the Image feature's struct: the path stays in the metadata
+            hint = raw_image.get("path")
+            values[image] = {"path": hint}
+            raw_image = raw_image.get("bytes")
+        raw_id = values[id_col] if id_col is not None else row_id(path, row)
         if raw_id is None:
-            yield missing_id(source.name, source.path, row, values)
+            yield missing_id(source.name, path, row, values)
             continue
         image_id = str(raw_id)
         rec = RawRecord(image_id=image_id, source=source.name, location=None, meta=values)
-        fname = by_stem.get(image_id)
-        if fname is None:
-            rec.issue = "missing_file"
-            rec.issue_detail = f"no {image_id}.{{{','.join(exts)}}} in {source.image_dir}"
+        if by_stem is not None:
+            fname = by_stem.get(image_id)
+            if fname is None:
+                rec.issue = "missing_file"
+                rec.issue_detail = f"no {image_id}.{{{','.join(extensions(source))}}} in {source.image_dir}"
+            else:
+                rec.location = os.path.join(source.image_dir, fname)
+        elif not raw_image:
+            rec.issue = "missing_image"
+            rec.issue_detail = f"{path}: row {row}: column {image!r} is {'null' if raw_image is None else 'empty'}"
         else:
-            rec.location = os.path.join(source.image_dir, fname)
+            rec.location, rec.member, rec.offset, rec.size = path, image, row, len(raw_image)
+            rec.data, rec.hint = raw_image, hint
         fill_from_columns(rec, values.__getitem__, cols, max_caption_chars)
         yield rec
 
 
 def read_rows(source_name: str, path: str, columns: list[str] | None, start: int = 0,
-              stop: int | None = None) -> Iterator[tuple[int, dict]]:
+              stop: int | None = None, batch_size: int = 4096) -> Iterator[tuple[int, dict]]:
     """row_range of a parquet file, with a file that fails to decode part way named as the
     source's error (one line), not a traceback."""
     try:
-        yield from row_range(pq.ParquetFile(path), columns, start, stop)
+        yield from row_range(pq.ParquetFile(path), columns, start, stop, batch_size)
     except (OSError, ValueError, pa.ArrowException) as exc:
         raise SourceError(f"source {source_name}: cannot read parquet {path}: {exc}") from None
 
@@ -176,3 +260,76 @@ def fill_from_columns(rec: RawRecord, value, cols: ParquetColumns, max_caption_c
         rec.similarity = value(cols.similarity)  # checked by sources.finalize
     if getattr(cols, "nsfw", None):
         rec.nsfw = _text(value(cols.nsfw))
+
+
+class _ImageReader:
+    """A worker's reader of images embedded in parquet: the files it has open (their footers
+    parsed once) and the one row group's image column it read last. Render tasks come in
+    (file, row) order, so each row group is read once per worker and memory is one row group's
+    column, never a file."""
+
+    MAX_OPEN = 8
+
+    def __init__(self) -> None:
+        self.files: dict[str, tuple[str, pq.ParquetFile, list[int]]] = {}
+        self.group: tuple[tuple, pa.ChunkedArray] | None = None
+
+    def _file(self, path: str) -> tuple[str, pq.ParquetFile, list[int]]:
+        from bucket_assets.core.sources import open_regular
+
+        token = stat_token(path)
+        got = self.files.get(path)
+        if got is not None and got[0] == token:
+            return got
+        if got is not None or len(self.files) >= self.MAX_OPEN:
+            self.close()
+        pf = pq.ParquetFile(open_regular(path))
+        starts, n = [], 0
+        for g in range(pf.metadata.num_row_groups):
+            starts.append(n)
+            n += pf.metadata.row_group(g).num_rows
+        starts.append(n)
+        self.files[path] = got = (token, pf, starts)
+        return got
+
+    def read(self, path: str, column: str, row: int, size: int | None) -> bytes:
+        token, pf, starts = self._file(path)
+        if not 0 <= row < starts[-1]:
+            raise OSError(f"{path}: row {row} is beyond its {starts[-1]} rows")
+        g = bisect.bisect_right(starts, row) - 1
+        key = (path, token, column, g)
+        if self.group is None or self.group[0] != key:
+            self.group = None  # drop the last row group before reading the next
+            col = pf.read_row_group(g, columns=[column]).column(0)
+            if pa.types.is_struct(col.type):
+                col = pa.chunked_array([c.field("bytes") for c in col.chunks], type=col.type.field("bytes").type)
+            self.group = (key, col)
+        value = self.group[1][row - starts[g]].as_py()
+        if not value:
+            raise OSError(f"{path}: row {row}: column {column!r} holds no image now")
+        if size is not None and len(value) != size:
+            raise OSError(f"{path}: row {row}: column {column!r} holds {len(value)} bytes, not the {size} scanned")
+        return value
+
+    def close(self) -> None:
+        for _token, pf, _starts in self.files.values():
+            try:
+                pf.close()
+            except Exception:  # noqa: BLE001 - closing is best effort
+                pass
+        self.files.clear()
+        self.group = None
+
+
+_READER = _ImageReader()
+
+
+def read_image(path: str, column: str, row: int, size: int | None) -> bytes:
+    """The image bytes of one row of a parquet file's image column (sources.read_bytes)."""
+    try:
+        return _READER.read(path, column, row, size)
+    except OSError:
+        raise
+    except (ValueError, KeyError, IndexError, pa.ArrowException) as exc:
+        _READER.close()
+        raise OSError(f"{path}: cannot read row {row} of column {column!r}: {exc}") from None

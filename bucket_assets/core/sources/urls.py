@@ -14,13 +14,13 @@ from bucket_assets.core.download import blob_path
 from bucket_assets.core.sources import RawRecord, ScanStats, stat_token
 from bucket_assets.core.sources.parquet import SourceError, fill_from_columns, missing_id, read_rows
 from bucket_assets.core.sources.values import is_regular_file
-from bucket_assets.spec import UrlSource
+from bucket_assets.spec import UrlSource, source_paths
 
 _NUMERIC = ("width", "height")
 
 
 def files(source: UrlSource) -> list[str]:
-    found = sorted(glob.glob(source.path))
+    found = sorted({m for pattern in source_paths(source.path) for m in glob.glob(pattern)})
     if not found:
         raise SourceError(f"source {source.name}: no parquet matches {source.path}")
     return found
