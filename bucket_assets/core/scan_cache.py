@@ -4,7 +4,9 @@ A source is a list of scan units, in the order its reader reads them:
 
     webdataset  each tar (sorted glob matches)                 fingerprint: lstat of the tar
     parquet     the parquet file with its image dir            lstat of the file + the dir's image entries
-    folder      each directory (os.walk order, sorted)         its entries' names and lstat
+    folder      each directory (os.walk order, sorted)         its entries' names and lstat (+ the
+                with images                                    lstat of the metadata file above it)
+                each metadata.jsonl/csv, after its subtree     its lstat + its subtree's listings
     urls        each metadata parquet (sorted glob matches)    lstat of the file (+ its url_downloads rows)
 
 and a unit is scanned in parts of at most PART_RECORDS records (a tar is one part; parquet and
@@ -177,9 +179,7 @@ class ScanCache:
         elif isinstance(source, ParquetSource):
             yield source.path, parquet.fingerprint(source), None
         elif isinstance(source, FolderSource):
-            for d, state in folder.walk_dirs(source):
-                if state.candidates:  # a directory with no image file has no record
-                    yield d, state.token, state.candidates
+            yield from folder.units(source)  # directories with images, then each metadata file
         else:
             for path in urls.files(source):
                 yield path, urls.fingerprint(path), None
