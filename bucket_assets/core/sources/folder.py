@@ -165,9 +165,10 @@ def _files(dirpath: str) -> list[str]:
 
 # Reading metadata files ----------------------------------------------------------------------
 
-def _lines(f: BinaryIO, first: int = 1) -> Iterator[tuple[int, int, bytes, bool]]:
-    """(line number, byte offset, bytes, too long) of each line from the file's position; a line
-    over MAX_ROW_BYTES is passed over in bounded reads, and only its first bytes are returned."""
+def _lines(f: BinaryIO, first: int = 1) -> Iterator[tuple[int, int, int, bytes, bool]]:
+    """(line number, byte offset, end offset, bytes, too long) of each line from the file's
+    position; a line over MAX_ROW_BYTES is passed over in bounded reads, and only its first bytes
+    are returned; a UTF-8 byte order mark opening the file is dropped."""
     n, off = first - 1, f.tell()
     while True:
         line = f.readline(MAX_ROW_BYTES + 1)
@@ -184,7 +185,7 @@ def _lines(f: BinaryIO, first: int = 1) -> Iterator[tuple[int, int, bytes, bool]
                     break
         if start == 0 and line.startswith(codecs.BOM_UTF8):
             line = line[len(codecs.BOM_UTF8):]
-        yield n, start, line, long
+        yield n, start, off, line, long
 
 
 def _text(line: bytes) -> str:
@@ -213,7 +214,7 @@ class _Csv:
         csv.field_size_limit(max(csv.field_size_limit(), MAX_ROW_BYTES))  # process-wide; only relaxes
         self.line, self.end = 0, 0
         self.header: list[str] | None = None
-        self._reader = csv.reader(self._feed())
+        self._reader = csv.reader(self._feed(), strict=True)
         header = self._next()
         if header is None:
             return
@@ -226,20 +227,24 @@ class _Csv:
         self.header = header
 
     def _feed(self) -> Iterator[str]:
-        for n, off, line, long in _lines(self.f, self.line + 1):
+        for n, _start, end, line, long in _lines(self.f, self.line + 1):
             if long:
                 raise SourceError(f"source {self.source.name}: {self.path} line {n} is longer than "
                                   f"{MAX_ROW_BYTES >> 20} MiB")
-            self.line, self.end = n, off + len(line)
+            self.line, self.end = n, end
             yield _text(line)
 
     def _next(self) -> list[str] | None:
+        # strict: a stray quote or an unterminated quoted field is an error, not a field that
+        # silently swallows the following rows.
+        start = self.line + 1
         try:
             return next(self._reader)
         except StopIteration:
             return None
         except csv.Error as exc:
-            raise SourceError(f"source {self.source.name}: {self.path} line {self.line}: not valid CSV ({exc})") from None
+            where = f"line {start}" if self.line <= start else f"the row starting on line {start} (read to line {self.line})"
+            raise SourceError(f"source {self.source.name}: {self.path} {where}: not valid CSV ({exc})") from None
 
     def rows(self) -> Iterator[tuple[int, int, dict | None, str | None]]:
         if self.header is None:
@@ -261,7 +266,7 @@ class _Csv:
     def row_at(self, line: int, offset: int) -> dict | None:
         self.f.seek(offset)
         self.line, self.end = line - 1, offset
-        self._reader = csv.reader(self._feed())
+        self._reader = csv.reader(self._feed(), strict=True)
         fields = self._next()
         return None if fields is None else self._row(fields)[0]
 
@@ -278,7 +283,7 @@ class MetadataFile:
         if self._csv is not None:
             yield from self._csv.rows()
             return
-        for n, off, line, long in _lines(self.f):
+        for n, off, _end, line, long in _lines(self.f):
             if long:
                 yield n, off, None, f"the line is longer than {MAX_ROW_BYTES >> 20} MiB"
                 continue
@@ -291,7 +296,7 @@ class MetadataFile:
         if self._csv is not None:
             return self._csv.row_at(line, offset)
         self.f.seek(offset)
-        return _json_row(next(_lines(self.f, line), (0, 0, b"", False))[2])[0]
+        return _json_row(next(_lines(self.f, line), (0, 0, 0, b"", False))[3])[0]
 
 
 def open_metadata(source: FolderSource, path: str) -> tuple[MetadataFile | None, str | None, str | None]:
@@ -349,7 +354,7 @@ def scan_dir(source: FolderSource, dirpath: str, stats: ScanStats, max_caption_c
     (each followed by a duplicate_id record per further metadata row naming it), or a metadata
     file's rows that describe no image."""
     if is_metadata_unit(dirpath):
-        yield from scan_metadata(source, dirpath, stats)
+        yield from scan_metadata(source, dirpath, stats, max_caption_chars)
         return
     exts = extensions(source)
     root = Path(source.path)
@@ -414,7 +419,7 @@ def _sidecar(rec: RawRecord, full: Path, max_caption_chars: int) -> None:
         rec.notes.extend(flags)
 
 
-def scan_metadata(source: FolderSource, path: str, stats: ScanStats) -> Iterator[RawRecord]:
+def scan_metadata(source: FolderSource, path: str, stats: ScanStats, max_caption_chars: int) -> Iterator[RawRecord]:
     """The rows of a metadata file that describe no image of the walk, one record each, in file
     order: metadata_invalid, unsafe_path, missing_file, not_an_image, unsafe_file (a directory
     on the way is a link), metadata_shadowed (a nearer metadata file describes that directory).
@@ -435,6 +440,7 @@ def scan_metadata(source: FolderSource, path: str, stats: ScanStats) -> Iterator
                 yield rec
                 continue
             rec.meta = _meta(row)
+            fill_from_columns(rec, rec.meta.get, source.columns, max_caption_chars)
             key, reason, why = clean_file_name(row.get("file_name"))
             if key is None:
                 rec.issue, rec.issue_detail = reason, f"{shown} line {line}: {why}"
