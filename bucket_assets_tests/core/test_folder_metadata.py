@@ -33,10 +33,10 @@ def _jpeg(seed: int, w: int = 96, h: int = 64) -> bytes:
     return buf.getvalue()
 
 
-def _images(d: Path, *names: str, seed: int = 0) -> None:
+def _images(d: Path, *names: str, seed: int = 0, w: int = 96, h: int = 64) -> None:
     for i, n in enumerate(names):
         (d / n).parent.mkdir(parents=True, exist_ok=True)
-        (d / n).write_bytes(_jpeg(seed + i))
+        (d / n).write_bytes(_jpeg(seed + 10 * i, w, h))
 
 
 def _jsonl(path: Path, *rows) -> None:
@@ -283,3 +283,52 @@ def test_folder_columns_in_the_spec(tmp_path):
     assert (s.columns.caption, s.columns.fallback_caption) == ("caption", "alt")
     with pytest.raises(SpecError, match=r"^spec error at sources\[0\].columns.id: unknown key$"):
         _spec(tmp_path, root, columns={"id": "x"})
+
+
+def test_an_imagefolder_with_metadata_builds_an_export_that_accounts_for_every_row(tmp_path):
+    import yaml
+
+    from bucket_assets.core.manifest import verify_export
+    from bucket_assets.core.shards import read_shard
+    from bucket_assets_tests.conftest import materialize_all
+
+    root = tmp_path / "raw" / "local"
+    _images(root, "a.jpg", "b.jpg", "c.jpg", "sub/d.jpg", w=240, h=160)
+    (root / "c.txt").write_text("sidecar c")
+    _jsonl(root / "metadata.jsonl",
+           {"file_name": "a.jpg", "text": "caption a", "aesthetic": 6.0, "license": "cc-by"},
+           {"file_name": "b.jpg", "text": "caption b", "aesthetic": 4.0},
+           {"file_name": "sub/d.jpg", "text": "", "alt": "fallback d", "aesthetic": 5.5},
+           {"file_name": "a.jpg", "text": "again"},
+           {"file_name": "gone.jpg", "text": "nothing here"},
+           {"file_name": "../x.jpg"},
+           b"{broken")
+    spec = {
+        "name": "imgfolder", "output_dir": str(tmp_path / "out"), "work_dir": str(tmp_path / "work"),
+        "sources": [{"name": "local", "kind": "folder", "path": str(root),
+                     "columns": {"caption": "text", "fallback_caption": "alt", "license": "license"}}],
+        "filters": {"min_similarity": None, "columns": [{"column": "aesthetic", "min": 5.0}]},
+        "buckets": {"base_resolutions": [128], "divisible": 8},
+        "captions": {"landing_dir": str(tmp_path / "captions"), "selectors": ["sidecar"]},
+        "image": {"workers": 1},
+    }
+    spec_path = tmp_path / "spec.yaml"
+    spec_path.write_text(yaml.safe_dump(spec))
+    assert materialize_all(spec_path).success
+    verify_export(tmp_path / "out")
+
+    s = json.loads((tmp_path / "out" / "manifest.json").read_text())["summary"]
+    skips = {k: v for k, v in s.items() if (k.startswith("skipped_") or k in ("decode_errors", "encode_errors")) and v}
+    # 4 images + the 4 rows that describe none of them; each is a sample or one named reason.
+    assert s["images_seen"] == 8 and s["images_exported"] == 3
+    assert skips == {"skipped_column_filter": 1, "skipped_duplicate_id": 1, "skipped_missing_file": 1,
+                     "skipped_unsafe_path": 1, "skipped_metadata_invalid": 1}
+    assert s["images_seen"] == s["images_exported"] + sum(skips.values())
+    texts, metas = {}, {}
+    for shard in sorted((tmp_path / "out").rglob("shard-*.tar")):
+        for _key, parts in read_shard(shard):
+            m = json.loads(parts["json"])
+            texts[m["image_id"]], metas[m["image_id"]] = parts["txt"].decode().removesuffix("\n"), m
+    assert texts == {"a": "caption a", "c": "sidecar c", "sub/d": "fallback d"}
+    assert metas["a"]["license"] == "cc-by" and metas["c"]["license"] is None
+    assert {m["caption_variant"] for m in metas.values()} == {"sidecar"}
