@@ -332,3 +332,35 @@ def test_an_imagefolder_with_metadata_builds_an_export_that_accounts_for_every_r
     assert texts == {"a": "caption a", "c": "sidecar c", "sub/d": "fallback d"}
     assert metas["a"]["license"] == "cc-by" and metas["c"]["license"] is None
     assert {m["caption_variant"] for m in metas.values()} == {"sidecar"}
+
+
+@pytest.mark.parametrize("name", ["metadata.jsonl", "metadata.csv"])
+def test_mangled_metadata_gives_records_or_a_one_line_source_error(tmp_path, name):
+    """Random byte damage to a metadata file: every outcome is records (each image once, every
+    other row with a reason) or a SourceError, never another exception."""
+    root = tmp_path / "local"
+    _images(root, "a.jpg", "b.jpg", "sub/c.jpg")
+    if name.endswith("jsonl"):
+        good = b"".join(json.dumps({"file_name": n, "text": f"t {n}", "v": [1, {"x": "y"}]}).encode() + b"\n"
+                        for n in ("a.jpg", "b.jpg", "sub/c.jpg", "d.jpg"))
+    else:
+        good = b'file_name,text,v\na.jpg,"t, a",1\nb.jpg,t b,2\nsub/c.jpg,"multi\nline",3\nd.jpg,t d,4\n'
+    rng = np.random.default_rng(14)
+    spec = _spec(tmp_path, root)
+    errors = 0
+    for _ in range(40):
+        data = bytearray(good)
+        for _ in range(int(rng.integers(1, 6))):
+            pos = int(rng.integers(0, len(data)))
+            data[pos:pos + 1] = bytes([int(rng.choice(list(b'"{}[],\n\r\\/.\x00\xff\xe9a:')))])
+        (root / name).write_bytes(bytes(data))
+        try:
+            recs, _stats = _scan(spec)
+        except SourceError as exc:
+            assert "\n" not in str(exc) and str(exc).startswith("source local: ")
+            errors += 1
+            continue
+        images = [r.image_id for r in recs if r.location is not None]
+        assert sorted(images) == ["a", "b", "sub/c"]
+        assert all(r.issue for r in recs if r.location is None)
+    assert errors < 40
