@@ -137,10 +137,23 @@ class ParquetSource(_Model):
         return self
 
 
+class FolderColumns(_Model):
+    """Columns of a folder's imagefolder metadata (`metadata.jsonl` / `metadata.csv`, rows keyed
+    by `file_name`); a row without the column has no value from it."""
+
+    caption: ColumnName | None = "text"
+    fallback_caption: ColumnName | None = None
+    width: ColumnName | None = None
+    height: ColumnName | None = None
+    url: ColumnName | None = None
+    license: ColumnName | None = None
+
+
 class FolderSource(_Model):
     name: str
     kind: Literal["folder"]
     path: str
+    columns: FolderColumns = FolderColumns()  # of its metadata.jsonl / metadata.csv files, where present
     caption_variant: str = "sidecar"
     image_extensions: list[str] = ["jpg", "jpeg", "png", "webp"]
 

@@ -5,7 +5,9 @@ A source is a list of scan units, in the order its reader reads them:
     webdataset  each tar (sorted glob matches)                 fingerprint: lstat of the tar (+ of its
                                                                img2dataset <shard>.parquet, or its absence)
     parquet     each parquet file (sorted glob/list matches)   lstat of the file (+ the image dir's image entries)
-    folder      each directory (os.walk order, sorted)         its entries' names and lstat
+    folder      each directory (os.walk order, sorted)         its entries' names and lstat (+ the
+                with images                                    lstat of the metadata file above it)
+                each metadata.jsonl/csv, after its subtree     its lstat + its subtree's listings
     urls        each metadata parquet (sorted glob matches)    lstat of the file (+ its url_downloads rows)
 
 and a unit is scanned in parts of at most PART_RECORDS records (a tar is one part; parquet and
@@ -179,9 +181,7 @@ class ScanCache:
             for path in parquet.files(source):
                 yield path, parquet.fingerprint(source, path), None
         elif isinstance(source, FolderSource):
-            for d, state in folder.walk_dirs(source):
-                if state.candidates:  # a directory with no image file has no record
-                    yield d, state.token, state.candidates
+            yield from folder.units(source)  # directories with images, then each metadata file
         else:
             for path in urls.files(source):
                 yield path, urls.fingerprint(path), None
