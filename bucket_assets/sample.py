@@ -1,5 +1,6 @@
 """The sample dataset: real photographs shipped in scikit-image's wheel, cut to varied sizes and
-aspect ratios, written in the three input formats plus two caption sources.
+aspect ratios, written in four input formats (LAION-style tars, photo-concept-bucket parquet + folder, a plain
+folder, Hugging Face Hub parquet with the image bytes inside) plus two caption sources.
 
 Deterministic: the same call writes the same bytes. It includes hostile cases (a truncated JPEG,
 an image too small for any bucket, CMYK, an EXIF-rotated JPEG, RGBA / palette / 16-bit PNGs, a
@@ -256,4 +257,30 @@ def generate(root: str | Path = "data", seed: int = 0) -> dict[str, int]:
         atomic_write_bytes(captions / f"{name}.json", (json.dumps(meta, indent=2) + "\n").encode())
         counts[name] = len(ids)
 
+    # Hugging Face Hub style: the image bytes inside parquet (the `datasets` Image feature's
+    # {bytes, path} struct), split over two files. After the caption sources, with its own
+    # random stream, so the sources above stay as they were.
+    counts["hf"] = _hub_parquet(root / "raw" / "hf" / "data", np.random.RandomState(seed + 1), photos)
     return counts
+
+
+HF_SCHEMA = pa.schema([("key", pa.string()), ("image", pa.struct([("bytes", pa.binary()), ("path", pa.string())])),
+                       ("text", pa.string()), ("width", pa.int32()), ("height", pa.int32()), ("aesthetic", pa.float32())])
+
+
+def _hub_parquet(d: Path, rng: np.random.RandomState, photos: dict, files: int = 2) -> int:
+    """Rows train-NNNNN: five photos (one PNG), then one row whose image is null (missing_image)."""
+    rows = []
+    for i in range(6):
+        key = f"hf{i:05d}"
+        photo, img = _fit(rng, photos, ASPECTS[(i + 3) % len(ASPECTS)])
+        image = None if i == 5 else ({"bytes": _png(img), "path": f"{key}.png"} if i == 2
+                                     else {"bytes": _jpeg(img), "path": f"{key}.jpg"})
+        rows.append({"key": key, "image": image, "text": f"{PHOTOS[photo].capitalize()}, from the hub",
+                     "width": img.width, "height": img.height, "aesthetic": round(float(rng.uniform(4.5, 7.0)), 2)})
+    per = -(-len(rows) // files)
+    for k in range(files):
+        buf = io.BytesIO()
+        pq.write_table(pa.Table.from_pylist(rows[k * per:(k + 1) * per], schema=HF_SCHEMA), buf, row_group_size=2)
+        atomic_write_bytes(d / f"train-{k:05d}-of-{files:05d}.parquet", buf.getvalue())
+    return len(rows)

@@ -41,6 +41,7 @@ def spec_dict(sample_root: Path, out: Path, **overrides) -> dict:
     spec["sources"][1]["path"] = str(raw / "pcb" / "photo-concept-bucket.parquet")
     spec["sources"][1]["image_dir"] = str(raw / "pcb" / "train")
     spec["sources"][2]["path"] = str(raw / "folder")
+    spec["sources"][3]["path"] = str(raw / "hf" / "data" / "*.parquet")
     spec["captions"]["landing_dir"] = str(sample_root / "captions")
     spec["image"]["workers"] = 1
     for dotted, value in overrides.items():

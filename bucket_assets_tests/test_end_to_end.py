@@ -102,7 +102,7 @@ def test_sample_build_through_cli_reads_back_with_card_snippets(make_spec, tmp_p
     assert manifest["format"] == "bucketed_shards_v1"
     s = manifest["summary"]
     skips = sum(v for k, v in s.items() if k.startswith("skipped_") or k in ("decode_errors", "encode_errors"))
-    assert s["images_seen"] == 46 and s["images_seen"] == s["images_exported"] + skips
+    assert s["images_seen"] == 52 and s["images_seen"] == s["images_exported"] + skips
     for reason in ("decode_errors", "skipped_too_small", "skipped_blank", "skipped_nsfw", "skipped_low_similarity",
                    "skipped_duplicate", "skipped_missing_file"):
         assert s[reason] >= 1, reason
@@ -176,9 +176,9 @@ def test_two_builds_are_byte_identical_and_rebuild_reuses_work(make_spec):
     assert result.success
     mats = {m.asset_key.path[-1]: m for m in result.get_asset_materialization_events()}
     assert mats["processed_images"].materialization.metadata["run_rendered"].value == 0
-    # ... and scans no source file again (2 tars, the parquet, the folder).
+    # ... and scans no source file again (2 tars, the pcb parquet, the folder, 2 hub parquet files).
     scan = mats["raw_index"].materialization.metadata
-    assert (scan["units_scanned"].value, scan["units_reused"].value, scan["units_removed"].value) == (0, 4, 0)
+    assert (scan["units_scanned"].value, scan["units_reused"].value, scan["units_removed"].value) == (0, 6, 0)
     assert {p: p.stat().st_mtime_ns for p in ea.rglob("shard-*.tar")} == mtimes
 
 

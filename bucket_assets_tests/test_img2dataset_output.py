@@ -132,6 +132,71 @@ def test_img2dataset_output_exports_and_accounts_for_every_url(i2d_output, tmp_p
         row = by_url[sj["url"]]
         assert (sj["similarity"], sj["nsfw"], sj["license"]) == (row["similarity"], "UNLIKELY", row["LICENSE"])
         assert row["aesthetic"] >= 5.0
+        assert {k: sj["source_meta"][k] for k in EXTRA} == {k: row[k] for k in EXTRA}
+
+
+def test_hub_parquet_img2dataset_output_and_an_imagefolder_in_one_export(i2d_output, tmp_path):
+    """Issue 14's done-when: the three kinds of input users have, in one spec; the export
+    verifies and every input row is an exported sample or a named reason."""
+    datasets = pytest.importorskip("datasets")
+    rows, out = i2d_output
+    photos = photo_bytes(9, seed=41)
+    # Hugging Face Hub style, written by `datasets` itself: two files, a row without an image.
+    hub = tmp_path / "hub" / "data"
+    hub.mkdir(parents=True)
+    feats = datasets.Features({"key": datasets.Value("string"), "image": datasets.Image(),
+                               "text": datasets.Value("string"), "aesthetic": datasets.Value("float64")})
+    hub_rows = [{"key": f"hub{i}", "image": {"bytes": b, "path": f"hub{i}.jpg"}, "text": f"hub photo {i}",
+                 "aesthetic": 5.0 + i} for i, b in enumerate(photos[:5])]
+    hub_rows.append({"key": "hub-null", "image": None, "text": "no image", "aesthetic": 9.0})
+    ds = datasets.Dataset.from_list(hub_rows, features=feats)
+    for k in range(2):
+        ds.shard(num_shards=2, index=k, contiguous=True).to_parquet(str(hub / f"train-{k:05d}-of-00002.parquet"))
+    # An imagefolder with metadata.jsonl: one row names a file that is not there, one image
+    # has no row (its sidecar captions it), one row is below the aesthetic bound.
+    local = tmp_path / "local"
+    (local / "train").mkdir(parents=True)
+    for i, b in enumerate(photos[5:]):
+        (local / "train" / f"{i:04d}.jpg").write_bytes(b)
+    (local / "train" / "0003.txt").write_text("a sidecar caption")
+    meta_rows = [{"file_name": "train/0000.jpg", "text": "local photo 0", "aesthetic": 6.5},
+                 {"file_name": "train/0001.jpg", "text": "local photo 1", "aesthetic": 7.5},
+                 {"file_name": "train/0002.jpg", "text": "local photo 2", "aesthetic": 2.0},
+                 {"file_name": "train/0009.jpg", "text": "not there", "aesthetic": 8.0}]
+    (local / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in meta_rows))
+
+    spec = {
+        "name": "mixed", "output_dir": str(tmp_path / "export"), "work_dir": str(tmp_path / "work"),
+        "sources": [
+            {"name": "hf", "kind": "parquet", "path": str(hub / "*.parquet"),
+             "columns": {"id": "key", "image": "image", "caption": "text"}, "caption_variant": "alt_text"},
+            {"name": "laion", "kind": "webdataset", "paths": [str(out / "*.tar")]},
+            {"name": "local", "kind": "folder", "path": str(local), "columns": {"caption": "text"}},
+        ],
+        "buckets": {"base_resolutions": [256]},
+        "filters": {"columns": [{"column": "aesthetic", "min": 5.0}]},
+        "image": {"workers": 2},
+        "captions": {"landing_dir": str(tmp_path / "captions"), "selectors": ["alt_text", "sidecar"]},
+    }
+    (tmp_path / "captions").mkdir()
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    assert materialize_all(path).success
+    spec = load_spec(path)
+    verify_export(spec.output_dir)
+    s = json.loads((Path(spec.output_dir) / "manifest.json").read_text())["summary"]
+    assert s["images_seen"] == len(hub_rows) + len(rows) + len(meta_rows) + 1  # + the image without a row
+    skips = {k: v for k, v in s.items() if (k.startswith("skipped_") or k in ("decode_errors", "encode_errors")) and v}
+    assert s["images_seen"] == s["images_exported"] + sum(skips.values())
+    assert skips["skipped_missing_image"] == 1 and skips["skipped_missing_file"] == 1
+    assert skips["skipped_download_failed"] == sum(k in ("missing", "error") for k in LAYOUT)
+    samples = {sj["image_id"]: sj for shard in Path(spec.output_dir).rglob("shard-*.tar")
+               for sj in (json.loads(parts["json"]) for _key, parts in read_shard(shard))}
+    assert {f"hub{i}" for i in range(5)} <= set(samples)
+    assert {"train/0000", "train/0001", "train/0003"} <= set(samples) and "train/0002" not in samples
+    for sj in samples.values():  # scores travel with every sample that has them
+        if sj["image_id"] != "train/0003":
+            assert sj["source_meta"]["aesthetic"] >= 5.0, sj
 
 
 # Without img2dataset: its layout written by hand ------------------------------------------------

@@ -109,7 +109,12 @@ def render_card(m: dict, pictures: bool = False) -> str:
         ["✓" if v in selected else "", v, _n(c)] for v, c in list(m["caption_variants"].items())[:30]
     ]
     models = [s for s in m["caption_selectors"] if s["model"]]
-    model_list = "\n".join(f"{i + 1}. {_code(s['model'])} ({_code(s['variant'])})" for i, s in enumerate(models))
+    def _models(sel: dict) -> str:
+        # Every source of the variant (two input sources may share one, e.g. alt_text), else the newest's.
+        names = list(dict.fromkeys(c["model"] for c in m["caption_sources"] if c["variant"] == sel["variant"] and c["model"]))
+        return ", ".join(_code(n) for n in names) if names else _code(sel["model"])
+
+    model_list = "\n".join(f"{i + 1}. {_models(s)} ({_code(s['variant'])})" for i, s in enumerate(models))
     summary_lines = "\n".join(
         f"- {_item(k)}: {_n(v)}" for k, v in summary.items() if isinstance(v, int)
     )
@@ -198,7 +203,7 @@ Directory layout:
 Each TAR shard contains 3 files per sample:
 - `<key>.jpg` (JPEG bytes; either re-encoded RGB JPEG or source JPEG passthrough depending on `image_mode`)
 - `<key>.txt` (caption text, UTF-8, newline-terminated)
-- `<key>.json` (per-sample metadata: `image_id`, `source`, `src_w`, `src_h`, `target_w`, `target_h`, `bucket_id`, `caption_variant`, `caption_selector_index`, `caption_source_id`, `url`, `similarity`, `nsfw`, `license`; null where unknown)
+- `<key>.json` (per-sample metadata: `image_id`, `source`, `src_w`, `src_h`, `target_w`, `target_h`, `bucket_id`, `caption_variant`, `caption_selector_index`, `caption_source_id`, `url`, `similarity`, `nsfw`, `license`, `source_meta` (the source's own record: the tar's `.json` and img2dataset parquet row, the parquet row, the imagefolder metadata row); null where unknown)
 
 ## Image preprocessing
 If `image_mode=reencode_jpeg`, images are processed deterministically per-sample:

@@ -243,7 +243,8 @@ def _check_sample(
         meta = json.loads(parts["json"])
     except (ValueError, RecursionError):
         raise VerifyError(f"{shard}: {key}.json is not valid JSON") from None
-    if not isinstance(meta, dict) or set(meta) != set(SAMPLE_JSON_KEYS):
+    # Exports from before `source_meta` was added lack only that key; they still verify.
+    if not isinstance(meta, dict) or set(meta) not in (set(SAMPLE_JSON_KEYS), set(SAMPLE_JSON_KEYS) - {"source_meta"}):
         raise VerifyError(f"{shard}: {key}.json does not have the bucketed_shards_v1 keys")
     tw, th = target
     if meta["bucket_id"] != bucket_id or (meta["target_w"], meta["target_h"]) != (tw, th):

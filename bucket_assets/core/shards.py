@@ -26,7 +26,7 @@ _MAX_KEY = 80  # USTAR names are 100 bytes; leave room for ".json"
 # Per-sample JSON keys: the same set and types in every sample (null where unknown).
 SAMPLE_JSON_KEYS = (
     "bucket_id", "caption_selector_index", "caption_source_id", "caption_variant", "image_id",
-    "license", "nsfw", "similarity", "source", "src_h", "src_w", "target_h", "target_w", "url",
+    "license", "nsfw", "similarity", "source", "source_meta", "src_h", "src_w", "target_h", "target_w", "url",
 )
 
 
@@ -239,6 +239,9 @@ def sample_meta(row: dict, bucket_id: str) -> bytes:
             "nsfw": row["nsfw"],
             "similarity": row["similarity"],
             "source": row["source"],
+            # The source's own record (the tar's .json with its img2dataset parquet row, the
+            # parquet row without the image, the imagefolder metadata row): scores and all.
+            "source_meta": None if row.get("source_meta") is None else json.loads(row["source_meta"]),
             "src_h": row["src_h"],
             "src_w": row["src_w"],
             "target_h": row["target_h"],
@@ -254,7 +257,7 @@ SAMPLE_PLAN_SQL = """
 SELECT p.bucket_id, p.bytes AS jpg_bytes, p.sha256 AS jpg_sha256, p.key, p.path, p.pack_offset, p.image_id,
        r.source, a.src_w, a.src_h,
        a.target_w, a.target_h, sc.text, sc.caption_variant, sc.caption_selector_index,
-       sc.caption_source_id, r.url, r.similarity, r.nsfw, r.license
+       sc.caption_source_id, r.url, r.similarity, r.nsfw, r.license, r.source_meta
 FROM processed_images p
 JOIN bucket_assignments a ON a.image_id = p.image_id AND a.bucket_id = p.bucket_id
 JOIN selected_captions sc ON sc.image_id = p.image_id
