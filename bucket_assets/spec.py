@@ -101,6 +101,8 @@ class ParquetColumns(_Model):
     height: ColumnName | None = None
     url: ColumnName | None = None
     license: ColumnName | None = None
+    similarity: ColumnName | None = None  # CLIP similarity (min_similarity filters on it)
+    nsfw: ColumnName | None = None  # NSFW tag (drop_nsfw filters on it)
     # The image bytes inside the parquet (Hugging Face `datasets` Image feature: a struct
     # {bytes, path}; or a plain binary column); then the source needs no image_dir.
     image: ColumnName | None = None
@@ -163,8 +165,6 @@ class FolderSource(_Model):
 class UrlColumns(ParquetColumns):
     id: ColumnName = "id"  # required here: downloads are keyed by it
     url: ColumnName = "url"  # required here: it is where the image is
-    similarity: ColumnName | None = None
-    nsfw: ColumnName | None = None
 
     @field_validator("image")
     @classmethod

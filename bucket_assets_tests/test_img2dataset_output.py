@@ -425,3 +425,27 @@ def test_read_shard_parquet_spec_values(tmp_path):
         src = {"name": "laion", "kind": "webdataset", "paths": ["x/*.tar"], "read_shard_parquet": value}
         with pytest.raises(SpecError, match=r"sources\[0\]\.read_shard_parquet"):
             parse_spec({**base, "sources": [src]})
+
+
+def test_a_shard_parquet_changed_during_its_tars_scan_is_not_committed(tmp_path):
+    """The worker checks the tar and its shard parquet before and after: a parquet rewritten
+    after the coordinator listed the unit gives an uncommitted part (scanned again next build)."""
+    from bucket_assets.core.raw_index import ScanTask, scan_part, summary_path, unstable_path
+
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    tar = raw / "00000.tar"
+    _tar(tar, {"a": None})
+    pq.write_table(pa.Table.from_pylist([_row("a")]), raw / "00000.parquet")
+    source = _source(raw)
+    listed = webdataset.fingerprint(source, str(tar))
+    pq.write_table(pa.Table.from_pylist([_row("a"), _row("b", "failed_to_download", "404")]), raw / "00000.parquet")
+    os.utime(raw / "00000.parquet", ns=(1, 1))  # another mtime whatever the clock's resolution
+    frag = tmp_path / "frag" / "p.parquet"
+    task = ScanTask(source=source.model_dump(mode="json"), unit=str(tar), fingerprint=listed, start=0, stop=None,
+                    max_chars=100, max_pixels=10**8, fragment=str(frag))
+    summary = scan_part(task)
+    assert summary["rows"] == 2 and not summary["stable"]
+    assert not Path(summary_path(frag)).exists() and Path(unstable_path(frag)).exists()
+    again = scan_part(ScanTask(**{**task.__dict__, "fingerprint": webdataset.fingerprint(source, str(tar))}))
+    assert again["stable"] and Path(summary_path(frag)).exists()

@@ -174,13 +174,15 @@ def test_bad_rows_are_named_reasons_and_ids_default_to_file_and_row(tmp_path):
         "img": pa.array([good, None, b"", b"GIF89a-not-really", good], pa.binary()),
         "caption": ["ok", "null", "empty", "junk", "ok too"],
         "score": [1.0, 2.0, 3.0, 4.0, float("nan")],
+        "clip": [0.5, 0.1, 0.2, 0.3, 0.4], "tag": ["UNLIKELY", "NSFW", None, None, None],
     })
     path = tmp_path / "part-7.parquet"
     pq.write_table(t, path, row_group_size=2)
     src = parse_spec({"name": "x", "output_dir": str(tmp_path / "o"), "work_dir": str(tmp_path / "w"),
-                      "sources": [{"name": "b", "kind": "parquet", "path": str(path), "columns": {"image": "img"}}]}
-                     ).sources[0]
+                      "sources": [{"name": "b", "kind": "parquet", "path": str(path),
+                                   "columns": {"image": "img", "similarity": "clip", "nsfw": "tag"}}]}).sources[0]
     recs = list(pqsrc.scan(src, ScanStats(), 100))
+    assert (recs[0].similarity, recs[0].nsfw, recs[1].nsfw) == (0.5, "UNLIKELY", "NSFW")
     assert [r.image_id for r in recs] == [f"part-7-{i}" for i in range(5)]
     assert [r.issue for r in recs] == [None, "missing_image", "missing_image", None, None]
     assert "row 1: column 'img' is null" in recs[1].issue_detail and "is empty" in recs[2].issue_detail

@@ -172,9 +172,13 @@ def parse_source(d: dict) -> Source:
 
 def _unit_token(source: Source, unit: str) -> str:
     """The cheap part of a unit's state a worker takes before and after its scan: the lstat of
-    the tar, the URL file, the parquet file, or of the folder directory itself. (A folder's or
-    image dir's full digest lists every entry, which each part would pay for; the files a part
-    reads are checked one by one instead.)"""
+    the tar (with its img2dataset shard parquet's), the URL file, the parquet file, or of the
+    folder directory itself. (A folder's or image dir's full digest lists every entry, which
+    each part would pay for; the files a part reads are checked one by one instead.)"""
+    if isinstance(source, WebDatasetSource):
+        from bucket_assets.core.sources import webdataset
+
+        return webdataset.fingerprint(source, unit)
     return stat_token(unit)
 
 
@@ -182,7 +186,9 @@ def _listed_token(source: Source, fingerprint: str) -> str | None:
     """What _unit_token must equal in the coordinator's fingerprint (None: not part of it)."""
     if isinstance(source, FolderSource):
         return None
-    return fingerprint.split("|", 1)[0]  # the parquet file's part; the whole of a tar's or URL file's
+    if isinstance(source, WebDatasetSource):
+        return fingerprint  # the tar's and its shard parquet's lstat, as _unit_token takes them
+    return fingerprint.split("|", 1)[0]  # a parquet file's part (not its image dir's); a URL file's whole
 
 
 def downloads_digest(rows: Iterable[dict]) -> list[str]:

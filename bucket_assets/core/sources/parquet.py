@@ -147,6 +147,8 @@ def _check_schema(source: ParquetSource, path: str) -> tuple[pa.Schema, str | No
         "height": cols.height,
         "url": cols.url,
         "license": cols.license,
+        "similarity": cols.similarity,
+        "nsfw": cols.nsfw,
         "image": cols.image,
     }
     for role, col in wanted.items():
@@ -239,8 +241,7 @@ def read_rows(source_name: str, path: str, columns: list[str] | None, start: int
 
 def fill_from_columns(rec: RawRecord, value, cols: ParquetColumns, max_caption_chars: int) -> None:
     """Set a record's caption (with the fallback column where it is empty), original size, url,
-    license and, for URL sources, similarity and NSFW tag from its row; `value(column)` reads
-    the row."""
+    license, similarity and NSFW tag from its row; `value(column)` reads the row."""
     if cols.caption:
         rec.caption, flags = clean_caption(_text(value(cols.caption)), max_caption_chars)
         rec.caption_field = cols.caption
@@ -256,9 +257,9 @@ def fill_from_columns(rec: RawRecord, value, cols: ParquetColumns, max_caption_c
         rec.url = _text(value(cols.url))
     if cols.license:
         rec.license = _text(value(cols.license))
-    if getattr(cols, "similarity", None):
+    if cols.similarity:
         rec.similarity = value(cols.similarity)  # checked by sources.finalize
-    if getattr(cols, "nsfw", None):
+    if cols.nsfw:
         rec.nsfw = _text(value(cols.nsfw))
 
 
