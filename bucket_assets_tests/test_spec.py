@@ -554,7 +554,8 @@ def test_readme_spec_reference_parses(tmp_path):
     section = readme.split("## Spec reference", 1)[1]
     block = section.split("```yaml\n", 1)[1].split("```", 1)[0]
     spec = parse_spec(yaml.safe_load(block), tmp_path)
-    assert [s.kind for s in spec.sources] == ["webdataset", "parquet", "folder", "urls"]
+    assert [s.kind for s in spec.sources] == ["webdataset", "parquet", "parquet", "folder", "urls"]
+    assert spec.sources[2].columns.image == "image" and spec.sources[2].image_dir is None
     assert spec.metadata.memory_limit == "3GB" and spec.captions.max_chars == 20_000
 
 

@@ -257,9 +257,9 @@ def fill_from_columns(rec: RawRecord, value, cols: ParquetColumns, max_caption_c
         rec.url = _text(value(cols.url))
     if cols.license:
         rec.license = _text(value(cols.license))
-    if cols.similarity:
+    if getattr(cols, "similarity", None):  # folder metadata columns have none
         rec.similarity = value(cols.similarity)  # checked by sources.finalize
-    if cols.nsfw:
+    if getattr(cols, "nsfw", None):
         rec.nsfw = _text(value(cols.nsfw))
 
 
