@@ -26,13 +26,18 @@ source (both named `src`, caption variant alt_text): base resolution 128, divisi
 (all cores), shards of 1,000, crop strategy center, and filters that both sources can express
 alike: min_similarity and drop_nsfw off, a column rule similarity >= 0.3 (the tar's .json and
 the parquet row both carry it, so both skip the same ~2 %). The tar source reads the .txt
-caption, the parquet one columns {id: key, image: image, caption: text}.
+caption, the parquet one columns {id: key, image: image, caption: text, url: url}. The shard
+files themselves are not expected to be identical: a parquet source has no similarity / nsfw
+column roles (only URL sources do), so those two fields of a sample's .json are null for it;
+the fields that differ are reported.
   1. tar / hf alternately, --repeat rounds (A/B/A/B: the shared machine's drift hits both):
      wall time, per-stage seconds from the event log (raw_index, processed_images,
      bucket_shards, export_manifest, dataset_card, checks, other, pre/post), CPU seconds, peak
      RSS of the build's process tree (scale.TreeRss) and per process (VmHWM of each process,
-     sampled from /proc with the tree); the ratio hf/tar of each round, its median -> PASS/FAIL
-     against 1.10; the same ratio per stage (no target).
+     sampled from /proc with the tree; "python3@12s 486" is a process started 12 s after the
+     build process, which tells the scan's pool from the render pool); the ratio hf/tar of each round, its median -> PASS/FAIL
+     against 1.10; the same ratio of CPU seconds and per stage (no target; on a shared machine
+     the CPU ratio is the steadier one).
   2. every build: `bucket-assets verify`, the accounting identity (images_seen == exported +
      skips == N); per round the two exports hold the same image ids with byte-identical JPEGs
      and the same captions (read from the shards' .json/.jpg/.txt), and the same buckets.
@@ -94,12 +99,28 @@ class TreeHwm(scale.TreeRss):
                     name = f.read().strip()
             except OSError:
                 continue
-            if hwm is not None and hwm >= self.hwm.get(p, ("", 0))[1]:
-                self.hwm[p] = ("build" if p == self.pid else name, hwm)
+            if hwm is not None and hwm >= self.hwm.get(p, ("", 0, 0.0))[1]:
+                self.hwm[p] = ("build" if p == self.pid else name, hwm, self._started(p))
+
+    def _started(self, p: int) -> float:
+        """Seconds from the build process's start to this process's (which pool it is: the scan's
+        workers start with raw_index, the render workers with processed_images)."""
+        def ticks(q: int) -> int:
+            with open(f"/proc/{q}/stat") as f:
+                return int(f.read().rsplit(")", 1)[1].split()[19])
+        try:
+            return (ticks(p) - ticks(self.pid)) / os.sysconf("SC_CLK_TCK")
+        except (OSError, IndexError, ValueError):
+            return float("nan")
 
     def per_process(self) -> list[dict]:
-        return [{"pid": p, "name": n, "peak_mb": round(b / MB, 1)}
-                for p, (n, b) in sorted(self.hwm.items(), key=lambda x: -x[1][1])]
+        return [{"pid": p, "name": n, "peak_mb": round(b / MB, 1), "started_s": round(t, 1)}
+                for p, (n, b, t) in sorted(self.hwm.items(), key=lambda x: -x[1][1])]
+
+
+def _procs(b: dict, top: int = 4) -> str:
+    return ", ".join(f"{p['name']}" + (f"@{p['started_s']:.0f}s" if p["name"] != "build" else "") + f" {p['peak_mb']:.0f}"
+                     for p in b["per_process"][:top])
 
 
 scale.TreeRss = TreeHwm
@@ -222,7 +243,7 @@ def write_variants(s: dict[str, list], d: Path, files: int, small: int) -> dict[
 SOURCES = {
     "tar": {"name": "src", "kind": "webdataset", "paths": ["src/*.tar"], "caption_variant": "alt_text"},
     "parquet": {"name": "src", "kind": "parquet", "path": "src/*.parquet", "caption_variant": "alt_text",
-                "columns": {"id": "key", "image": "image", "caption": "text"}},
+                "columns": {"id": "key", "image": "image", "caption": "text", "url": "url"}},
 }
 
 
@@ -257,10 +278,10 @@ class BuildDir(scale.Run):
         self.spec.write_text(yaml.safe_dump(spec, sort_keys=False))
 
 
-def export_samples(export: Path) -> dict[str, tuple[str, str, str]]:
-    """image_id -> (sha256 of the .jpg, the .txt caption, bucket) of every shard in the manifest."""
+def export_samples(export: Path) -> dict[str, tuple[str, str, str, dict]]:
+    """image_id -> (sha256 of the .jpg, the .txt caption, bucket, the .json) of every shard in the manifest."""
     m = scale.read_manifest(export) or {}
-    got: dict[str, tuple[str, str, str]] = {}
+    got: dict[str, tuple[str, str, str, dict]] = {}
     for b, info in m.get("buckets", {}).items():
         for sh in info.get("shards", []):
             with tarfile.open(export / sh["path"]) as tf:
@@ -272,7 +293,7 @@ def export_samples(export: Path) -> dict[str, tuple[str, str, str]]:
                     cur.setdefault(key, {})[ext] = tf.extractfile(ti).read()
             for files in cur.values():
                 meta = json.loads(files["json"])
-                got[meta["image_id"]] = (hashlib.sha256(files["jpg"]).hexdigest(), files["txt"].decode(), b)
+                got[meta["image_id"]] = (hashlib.sha256(files["jpg"]).hexdigest(), files["txt"].decode(), b, meta)
     return got
 
 
@@ -282,11 +303,17 @@ def compare_exports(a: Path, b: Path) -> dict:
     jpg = [k for k in sorted(common) if sa[k][0] != sb[k][0]]
     cap = [k for k in sorted(common) if sa[k][1] != sb[k][1]]
     bucket = [k for k in sorted(common) if sa[k][2] != sb[k][2]]
+    fields: dict[str, int] = {}  # .json keys whose value differs, and in how many samples
+    for k in common:
+        ja, jb = sa[k][3], sb[k][3]
+        for f in ja.keys() | jb.keys():
+            if ja.get(f) != jb.get(f):
+                fields[f] = fields.get(f, 0) + 1
     ma, mb = scale.manifest_shas(scale.read_manifest(a)), scale.manifest_shas(scale.read_manifest(b))
     out = {"tar_samples": len(sa), "parquet_samples": len(sb), "only_tar": len(sa.keys() - sb.keys()),
            "only_parquet": len(sb.keys() - sa.keys()), "jpg_differ": len(jpg), "caption_differ": len(cap),
            "bucket_differ": len(bucket), "examples": (jpg + cap + bucket)[:5],
-           "shard_files": len(mb), "shard_files_identical": sum(1 for p, h in mb.items() if ma.get(p) == h)}
+           "json_fields_differ": dict(sorted(fields.items())), "shard_files": len(mb), "shard_files_identical": sum(1 for p, h in mb.items() if ma.get(p) == h)}
     out["ok"] = bool(sa) and sa.keys() == sb.keys() and not jpg and not cap and not bucket
     return out
 
@@ -297,7 +324,7 @@ def measure(label: str, bd: BuildDir, layout: dict, log) -> dict:
     r["per_process"] = hwm.per_process() if hwm else []
     r["layout"] = {k: v for k, v in layout.items() if k != "paths"}
     st = r["stages"]
-    procs = ", ".join(f"{p['name']} {p['peak_mb']:.0f}" for p in r["per_process"][:4])
+    procs = _procs(r)
     log(f"  {label:<13} {r['wall_s']:7.1f}s  cpu {r['cpu_s']:6.1f}s  rss {r['peak_rss'] / MB:5.0f} MB"
         f" ({r['rss_procs_max']} procs; peaks {procs})  verify {'ok' if r['verify']['ok'] else 'FAILED'}"
         f"  identity {'ok' if r['accounting']['ok'] else 'FAILED'}  [raw {st['raw_index']:.1f}"
@@ -315,6 +342,8 @@ def evaluate(res: dict) -> list[dict]:
     ratios = [r["ratio_wall"] for r in rounds if r.get("ratio_wall") is not None]
     med = statistics.median(ratios) if ratios and len(ratios) == len(rounds) else None
     res["ratio_wall_median"] = med
+    cpu = [r["ratio_cpu"] for r in rounds if r.get("ratio_cpu") is not None]
+    res["ratio_cpu_median"] = statistics.median(cpu) if cpu else None
     res["ratio_stage_median"] = {
         s: statistics.median(v) for s in STAGES
         if (v := [r["ratio_stages"][s] for r in rounds if r.get("ratio_stages", {}).get(s) is not None])}
@@ -335,6 +364,7 @@ def evaluate(res: dict) -> list[dict]:
                                        f"{c['parquet_samples']:,} vs {c['tar_samples']:,} samples, {c['jpg_differ']} jpg /"
                                        f" {c['caption_differ']} caption / {c['bucket_differ']} bucket differ,"
                                        f" {c['shard_files_identical']}/{c['shard_files']} shard files identical"
+                                       f" (.json differs in {c['json_fields_differ'] or 'nothing'})"
                                        for c in cmp)})
     return targets
 
@@ -353,17 +383,18 @@ def report(res: dict) -> str:
         cells = [b["label"], str(lay["files"]), groups, str(lay.get("image_bytes_per_group_max_mb", "")),
                  f"{b['wall_s']:.1f}", scale._f(b.get("cpu_s")), *(f"{st[s]:.1f}" for s in STAGES), scale._f(pp),
                  f"{b['peak_rss'] / MB:.0f} ({b['rss_procs_max']})",
-                 ", ".join(f"{p['name']} {p['peak_mb']:.0f}" for p in b["per_process"][:4]),
+                 _procs(b),
                  "ok" if b["verify"]["ok"] else "FAIL", "ok" if b["accounting"]["ok"] else "FAIL"]
         if b["rc"] != 0:
             cells[4] += f" (failed: {b.get('error', '')[:80]})"
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "| ratio parquet/tar | " + " | ".join(["wall", *STAGES]) + " |", "|" + " --- |" * (len(STAGES) + 2)]
+    lines += ["", "| ratio parquet/tar | " + " | ".join(["wall", "cpu", *STAGES]) + " |", "|" + " --- |" * (len(STAGES) + 3)]
     for i, r in enumerate(res["rounds"]):
         lines.append(f"| round {i + 1} | " + " | ".join(
-            [scale._f(r.get("ratio_wall"), "{:.3f}")] + [scale._f(r.get("ratio_stages", {}).get(s), "{:.2f}") for s in STAGES]) + " |")
+            [scale._f(r.get("ratio_wall"), "{:.3f}"), scale._f(r.get("ratio_cpu"), "{:.3f}")]
+            + [scale._f(r.get("ratio_stages", {}).get(s), "{:.2f}") for s in STAGES]) + " |")
     lines.append("| median | " + " | ".join(
-        [scale._f(res.get("ratio_wall_median"), "{:.3f}")]
+        [scale._f(res.get("ratio_wall_median"), "{:.3f}"), scale._f(res.get("ratio_cpu_median"), "{:.3f}")]
         + [scale._f(res["ratio_stage_median"].get(s), "{:.2f}") for s in STAGES]) + " |")
     mem = res.get("memory")
     if mem:
@@ -465,13 +496,15 @@ def main() -> int:
             a, b = rnd["tar"], rnd["hf"]
             if a["rc"] == 0 and b["rc"] == 0:
                 rnd["ratio_wall"] = b["wall_s"] / a["wall_s"]
+                rnd["ratio_cpu"] = b["cpu_s"] / a["cpu_s"] if a["cpu_s"] else None
                 rnd["ratio_stages"] = {s: (b["stages"][s] / a["stages"][s] if a["stages"][s] > 0 else None) for s in STAGES}
                 rnd["compare"] = compare_exports(base / "runs" / f"tar-{i + 1}" / "export",
                                                  base / "runs" / f"hf-{i + 1}" / "export")
                 c = rnd["compare"]
                 log(f"  ratio {rnd['ratio_wall']:.3f}; exports: {c['parquet_samples']:,} vs {c['tar_samples']:,} samples,"
                     f" {c['jpg_differ']} jpg / {c['caption_differ']} caption / {c['bucket_differ']} bucket differ,"
-                    f" {c['shard_files_identical']}/{c['shard_files']} shard files identical")
+                    f" {c['shard_files_identical']}/{c['shard_files']} shard files identical"
+                    f" (.json differs in {c['json_fields_differ'] or 'nothing'})")
             if not args.keep_runs:
                 for lb in (f"tar-{i + 1}", f"hf-{i + 1}"):
                     shutil.rmtree(base / "runs" / lb, ignore_errors=True)
