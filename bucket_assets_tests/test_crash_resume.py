@@ -279,7 +279,7 @@ def test_kill_during_a_file_scan_resumes_without_rescanning_finished_units(sampl
     assert rc == 0, log
     after = _scan_parts(work)
     assert {k: after.get(k) for k in before} == before  # not scanned again
-    assert len(after) == 4 and [k for k in after if k.startswith("scan/folder/")]
+    assert len(after) == 6 and [k for k in after if k.startswith("scan/folder/")]  # 2 tars, pcb, folder, 2 hub files
     export = tmp_path / "export"
     verify_export(export)
     assert _shards(export) == reference["shards"]

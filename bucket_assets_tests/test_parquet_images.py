@@ -244,25 +244,29 @@ def test_spec_forms_for_paths_and_the_image_column(tmp_path):
 
 
 def test_render_reads_each_row_group_once_in_source_order(tmp_path, monkeypatch):
-    """The worker's reader keeps one row group's image column: reading rows in order costs one
-    row-group read per group, and holds no more than that group."""
+    """The worker's reader streams one row group at a time: reading rows in order opens one
+    batch iterator per group and holds one small batch, a row behind the cursor restarts its
+    group, and a replaced file is reopened."""
     imgs = [_jpeg(i, 64, 48) for i in range(10)]
     path = tmp_path / "g.parquet"
     pq.write_table(pa.table({"image": pa.array([{"bytes": b, "path": f"{i}.jpg"} for i, b in enumerate(imgs)])}),
                    path, row_group_size=3)
-    reads = []
-    orig = pq.ParquetFile.read_row_group
+    opened = []
+    orig = pq.ParquetFile.iter_batches
 
-    def counted(self, i, *a, **kw):
-        reads.append(i)
-        return orig(self, i, *a, **kw)
+    def counted(self, *a, row_groups=None, **kw):
+        opened.append(tuple(row_groups))
+        return orig(self, *a, row_groups=row_groups, **kw)
 
-    monkeypatch.setattr(pq.ParquetFile, "read_row_group", counted)
+    monkeypatch.setattr(pq.ParquetFile, "iter_batches", counted)
+    monkeypatch.setattr(pqsrc._ImageReader, "BATCH", 2)
     reader = pqsrc._ImageReader()
     for row, b in enumerate(imgs):
         assert reader.read(str(path), "image", row, len(b)) == b
-        assert len(reader.group[1]) <= 3  # one row group held
-    assert reads == [0, 1, 2, 3]
+        assert len(reader.cursor[3]) <= 2  # one batch of one group held
+    assert opened == [(0,), (1,), (2,), (3,)]
+    assert reader.read(str(path), "image", 7, len(imgs[7])) == imgs[7] and opened[-1] == (2,)  # behind: restart
+    assert reader.read(str(path), "image", 8, len(imgs[8])) == imgs[8] and len(opened) == 5
     # A file replaced under the reader is reopened (its stat changed), not read from the old footer.
     pq.write_table(pa.table({"image": pa.array([{"bytes": imgs[9], "path": None}] * 2)}), path)
     assert reader.read(str(path), "image", 1, len(imgs[9])) == imgs[9]

@@ -441,9 +441,10 @@ def test_scan_part_runs_without_duckdb_from_a_json_message(tmp_path):
     spec = _spec(tmp_path, raw)
     src = spec.sources[0]
     unit = str(raw / "tars" / "00002.tar")
-    from bucket_assets.core.sources import stat_token
+    from bucket_assets.core.sources import webdataset
 
-    task = ScanTask(source=src.model_dump(mode="json"), unit=unit, fingerprint=stat_token(unit), start=0, stop=None,
+    task = ScanTask(source=src.model_dump(mode="json"), unit=unit, fingerprint=webdataset.fingerprint(src, unit),
+                    start=0, stop=None,
                     max_chars=100, max_pixels=10**8, fragment=str(tmp_path / "frag" / "x.parquet"))
     payload = json.dumps([dataclasses.asdict(task)])
     code = ("import json, sys; sys.modules['duckdb'] = None\n"

@@ -76,33 +76,40 @@ def num_rows(path: str) -> int | None:
         return None
 
 
+def open_streaming(source) -> pq.ParquetFile:
+    """A ParquetFile that reads column chunks through a small buffer (no pre-buffering): a
+    row group is decoded page by page, so memory holds a page and a batch, not the group."""
+    return pq.ParquetFile(source, buffer_size=STREAM_BUFFER, pre_buffer=False)
+
+
+STREAM_BUFFER = 1 << 20
+
+
 def row_range(pf: pq.ParquetFile, columns: list[str] | None, start: int, stop: int | None,
               batch_size: int = 4096) -> Iterator[tuple[int, dict]]:
     """(row index in the file, {column: value}) for rows [start, stop), reading only the row
-    groups that hold them, a batch at a time."""
+    groups that hold them, one group at a time and a batch at a time (one iterator over several
+    groups keeps what it decoded of each until it ends)."""
     meta = pf.metadata
-    groups, first, offset = [], None, 0
+    names = columns if columns is not None else list(pf.schema_arrow.names)
+    offset = 0
     for g in range(meta.num_row_groups):
         n = meta.row_group(g).num_rows
-        if offset + n > start and (stop is None or offset < stop):
-            groups.append(g)
-            first = offset if first is None else first
-        offset += n
-    if not groups:
-        return
-    names = columns if columns is not None else list(pf.schema_arrow.names)
-    row = first
-    for batch in pf.iter_batches(batch_size=batch_size, row_groups=groups, columns=columns):
-        if row + batch.num_rows <= start:
-            row += batch.num_rows
+        first, offset = offset, offset + n
+        if offset <= start or (stop is not None and first >= stop):
             continue
-        data = {n: batch.column(n).to_pylist() for n in names}
-        for i in range(batch.num_rows):
-            if row >= start and (stop is None or row < stop):
-                yield row, {n: data[n][i] for n in names}
-            row += 1
-        if stop is not None and row >= stop:
-            return
+        row = first
+        for batch in pf.iter_batches(batch_size=batch_size, row_groups=[g], columns=columns, use_threads=False):
+            if row + batch.num_rows <= start:
+                row += batch.num_rows
+                continue
+            data = {n: batch.column(n).to_pylist() for n in names}
+            for i in range(batch.num_rows):
+                if row >= start and (stop is None or row < stop):
+                    yield row, {n: data[n][i] for n in names}
+                row += 1
+            if stop is not None and row >= stop:
+                return
 
 
 def image_column_kind(source_name: str, schema: pa.Schema, col: str) -> str:
@@ -234,7 +241,7 @@ def read_rows(source_name: str, path: str, columns: list[str] | None, start: int
     """row_range of a parquet file, with a file that fails to decode part way named as the
     source's error (one line), not a traceback."""
     try:
-        yield from row_range(pq.ParquetFile(path), columns, start, stop, batch_size)
+        yield from row_range(open_streaming(path), columns, start, stop, batch_size)
     except (OSError, ValueError, pa.ArrowException) as exc:
         raise SourceError(f"source {source_name}: cannot read parquet {path}: {exc}") from None
 
@@ -265,15 +272,16 @@ def fill_from_columns(rec: RawRecord, value, cols: ParquetColumns, max_caption_c
 
 class _ImageReader:
     """A worker's reader of images embedded in parquet: the files it has open (their footers
-    parsed once) and the one row group's image column it read last. Render tasks come in
-    (file, row) order, so each row group is read once per worker and memory is one row group's
-    column, never a file."""
+    parsed once) and a cursor into the row group it reads. Render tasks come in (file, row)
+    order, so the cursor moves forward through each group's batches (a row behind it restarts
+    the group), and memory is a page and a batch of one group's column, never a file."""
 
     MAX_OPEN = 8
+    BATCH = 16  # rows per batch of image bytes
 
     def __init__(self) -> None:
         self.files: dict[str, tuple[str, pq.ParquetFile, list[int]]] = {}
-        self.group: tuple[tuple, pa.ChunkedArray] | None = None
+        self.cursor: tuple[tuple, Iterator, int, pa.Array | None] | None = None  # key, batches, first row, batch
 
     def _file(self, path: str) -> tuple[str, pq.ParquetFile, list[int]]:
         from bucket_assets.core.sources import open_regular
@@ -284,7 +292,7 @@ class _ImageReader:
             return got
         if got is not None or len(self.files) >= self.MAX_OPEN:
             self.close()
-        pf = pq.ParquetFile(open_regular(path))
+        pf = open_streaming(open_regular(path))
         starts, n = [], 0
         for g in range(pf.metadata.num_row_groups):
             starts.append(n)
@@ -299,13 +307,18 @@ class _ImageReader:
             raise OSError(f"{path}: row {row} is beyond its {starts[-1]} rows")
         g = bisect.bisect_right(starts, row) - 1
         key = (path, token, column, g)
-        if self.group is None or self.group[0] != key:
-            self.group = None  # drop the last row group before reading the next
-            col = pf.read_row_group(g, columns=[column]).column(0)
-            if pa.types.is_struct(col.type):
-                col = pa.chunked_array([c.field("bytes") for c in col.chunks], type=col.type.field("bytes").type)
-            self.group = (key, col)
-        value = self.group[1][row - starts[g]].as_py()
+        if self.cursor is None or self.cursor[0] != key or row < self.cursor[2]:
+            self.cursor = None  # let go of the last group before reading the next
+            batches = pf.iter_batches(batch_size=self.BATCH, row_groups=[g], columns=[column], use_threads=False)
+            self.cursor = (key, batches, starts[g], None)
+        key, batches, first, batch = self.cursor
+        while batch is None or row >= first + len(batch):
+            if batch is not None:
+                first += len(batch)
+            col = next(batches).column(0)
+            batch = col.field("bytes") if pa.types.is_struct(col.type) else col
+            self.cursor = (key, batches, first, batch)
+        value = batch[row - first].as_py()
         if not value:
             raise OSError(f"{path}: row {row}: column {column!r} holds no image now")
         if size is not None and len(value) != size:
@@ -313,13 +326,13 @@ class _ImageReader:
         return value
 
     def close(self) -> None:
+        self.cursor = None
         for _token, pf, _starts in self.files.values():
             try:
                 pf.close()
             except Exception:  # noqa: BLE001 - closing is best effort
                 pass
         self.files.clear()
-        self.group = None
 
 
 _READER = _ImageReader()
@@ -331,6 +344,6 @@ def read_image(path: str, column: str, row: int, size: int | None) -> bytes:
         return _READER.read(path, column, row, size)
     except OSError:
         raise
-    except (ValueError, KeyError, IndexError, pa.ArrowException) as exc:
+    except (ValueError, KeyError, IndexError, StopIteration, pa.ArrowException) as exc:
         _READER.close()
         raise OSError(f"{path}: cannot read row {row} of column {column!r}: {exc}") from None
