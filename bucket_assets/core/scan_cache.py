@@ -279,7 +279,7 @@ class ScanCache:
         reader = con.execute(
             "SELECT image_id, url, status, detail, sha256 FROM url_downloads WHERE source = ? ORDER BY image_id",
             [source.name],
-        ).fetch_record_batch(65536)
+        ).to_arrow_reader(65536)
         with atomic_writer(path) as f:
             writer = pq.ParquetWriter(f, reader.schema)
             try:

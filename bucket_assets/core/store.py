@@ -385,7 +385,7 @@ class StoreRun:
                 ANTI JOIN (SELECT DISTINCT path FROM "{TABLE}" WHERE list_contains($buckets, bucket_id)
                            AND status = 'ok' AND path IS NOT NULL) p ON p.path = f.path""",
             {"buckets": self.buckets},
-        ).fetch_record_batch(self.batch_rows)
+        ).to_arrow_reader(self.batch_rows)
         n = 0
         for batch in gone:
             for path in batch.column("path").to_pylist():
