@@ -95,6 +95,10 @@ POOLED = {"render", "scan"}
 # worth starting for two of them.
 ONE_PER_TASK = {"scan"}
 
+# Pool work that uses torch (the resize): only its workers import it and get one torch thread.
+# A scan worker that imported torch for nothing held ~180 MB more while it scanned (issue 13).
+TORCH = {"render"}
+
 
 def run_one(name: str, item):
     """One item of a registered function, in a pool worker (the item is pickled, not JSON)."""
@@ -181,13 +185,14 @@ class LocalCompute:
 
     def map(self, name: str, items: Iterable) -> Iterator:
         """Results in input order; `items` is read lazily (a bounded window in flight)."""
-        from bucket_assets.core.parallel import _chunks, ordered_map
+        from bucket_assets.core.parallel import _chunks, _init_worker, ordered_map
 
         if name in ONE_PER_TASK:
             yield from ordered_map(functools.partial(run_one, name), items, self.workers, chunksize=1,
-                                   min_items_for_pool=2)
+                                   min_items_for_pool=2, initializer=_init_worker if name in TORCH else None)
         elif name in POOLED:
-            yield from ordered_map(functools.partial(run_one, name), items, self.workers, chunksize=4)
+            yield from ordered_map(functools.partial(run_one, name), items, self.workers, chunksize=4,
+                                   initializer=_init_worker if name in TORCH else None)
         else:
             run, _enc, _dec = FUNCTIONS[name]()
             # URLs of one chunk are fetched concurrently; a shard plan is already a batch.

@@ -289,6 +289,22 @@ def test_noop_rebuild_opens_no_source_file(tmp_path, monkeypatch):
     assert second == [] and _counts(out) == (0, 6, 0) and again == rows
 
 
+def test_noop_rebuild_keeps_raw_index_and_a_change_rewrites_it(tmp_path):
+    raw = _sources(tmp_path)
+    spec = _spec(tmp_path, raw)
+    _out, rows = _build(spec)
+    # A marker in one row: a no-op build that rewrote raw_index from the fragments would lose it.
+    with connect(spec.db_path) as con:
+        con.execute("UPDATE raw_index SET caption = 'marker' WHERE row_id = 0")
+    out, again = _build(spec)
+    assert _counts(out) == (0, 6, 0) and again[0]["caption"] == "marker" and again[1:] == rows[1:]
+    # A changed tar: the table is written again from every part and equals a clean scan.
+    _tar(raw / "tars" / "00002.tar", ["t2-0", "t2-new"], seed=5)
+    out, rows = _build(spec)
+    assert _counts(out) == (1, 5, 0) and rows == _fresh(tmp_path, spec, "w1")
+    assert "marker" not in [r["caption"] for r in rows]
+
+
 def test_a_file_that_changes_while_it_is_scanned_is_not_cached(tmp_path, monkeypatch):
     raw = _sources(tmp_path)
     spec = _spec(tmp_path, raw)

@@ -123,9 +123,23 @@ def test_no_op_rebuild_opens_no_shard_file_and_no_store_pack(built):
     rows = _shard_files(spec_path)
     assert all(r[6] and len(r[6]) == 64 and r[9] == r[4] and r[10] and r[11] for r in rows), rows[:2]
     before = _files(export)
+    # A marker in one shard_samples row (which no step of the build reads back): a no-op build
+    # that rewrote the table (shard_samples derived again from the plan) would lose it.
+    con = duckdb.connect(str(load_spec(spec_path).db_path))
+    try:
+        con.execute("UPDATE shard_samples SET text = 'marker' WHERE key = (SELECT min(key) FROM shard_samples)")
+    finally:
+        con.close()
     with watch_opens(export / "buckets", export / ".staging", work / "processed") as opens:
         result = materialize_all(spec_path)
     assert result.success
+    con = duckdb.connect(str(load_spec(spec_path).db_path), read_only=True)
+    try:
+        assert con.execute("SELECT count(*) FROM shard_samples WHERE text = 'marker'").fetchone()[0] == 1
+    finally:
+        con.close()
+    # No step opened a shard: dataset_card's contact sheets are kept while their shards are.
+    assert [p for p, _ in opens if p.endswith(".tar")] == []
     meta = _shard_meta(result)
     assert meta["run_shards_unchanged"] == meta["run_shards"] == len(before)
     assert meta["run_shards_built"] == 0 and meta["run_files_rewritten"] == 0

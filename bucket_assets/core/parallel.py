@@ -30,13 +30,14 @@ def _run_chunk(fn: Callable[[T], R], chunk: list[T]) -> list[R]:
 
 def ordered_map(
     fn: Callable[[T], R], items: Iterable[T], workers: int, chunksize: int = 8, min_items_for_pool: int = 16,
-    window: int = 4,
+    window: int = 4, initializer: Callable[[], None] | None = _init_worker,
 ) -> Iterator[R]:
     """map(fn, items) in input order; with workers > 1 a spawn-context pool of that size.
 
     `items` is consumed lazily: at most `window` chunks per worker are in flight, so memory
     follows the window, not the input. Small inputs run inline: starting interpreters costs
-    more than they would save.
+    more than they would save. `initializer` runs once in each worker (default: one torch
+    thread, which imports torch: about 180 MB per worker; None for work that needs no torch).
     """
     it = iter(items)
     head = list(itertools.islice(it, min_items_for_pool))
@@ -45,7 +46,7 @@ def ordered_map(
         return
     chunks = _chunks(itertools.chain(head, it), chunksize)
     ctx = mp.get_context("spawn")
-    with ctx.Pool(processes=workers, initializer=_init_worker) as pool:
+    with ctx.Pool(processes=workers, initializer=initializer) as pool:
         pending: collections.deque = collections.deque()
         for chunk in chunks:
             pending.append(pool.apply_async(_run_chunk, (fn, chunk)))

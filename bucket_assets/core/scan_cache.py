@@ -80,6 +80,18 @@ _DUP_NULLED = ("location", "member", "data_offset", "byte_size", "sha256", "widt
                "orientation", "caption", "caption_field", "url", "similarity", "nsfw", "license", "orig_w", "orig_h")
 
 
+# Bump when raw_index is written differently from the same fragments: the kept table is then rebuilt.
+RAW_INDEX_STATE_VERSION = 1
+
+
+def _raw_index_state(con: duckdb.DuckDBPyConnection) -> str | None:
+    """The digest of the parts raw_index was last written from (None: unknown, rewrite it)."""
+    if not (table_exists(con, "raw_index") and table_exists(con, "raw_index_state")):
+        return None
+    row = con.execute("SELECT max(digest), count(*) FROM raw_index_state").fetchone()
+    return row[0] if row[1] == 1 else None
+
+
 @dataclass
 class Part:
     source: Source
@@ -269,7 +281,7 @@ class ScanCache:
         reader = con.execute(
             "SELECT image_id, url, status, detail, sha256 FROM url_downloads WHERE source = ? ORDER BY image_id",
             [source.name],
-        ).fetch_record_batch(65536)
+        ).to_arrow_reader(65536)
         with atomic_writer(path) as f:
             writer = pq.ParquetWriter(f, reader.schema)
             try:
@@ -336,22 +348,36 @@ class ScanCache:
                 if isinstance(p.source, UrlSource):
                     url_files.append(str(p.fragment))
                 base += p.rows
+        replace_table(con, "scan_skips", scan_skips_table(stats))
+        # raw_index is a function of the parts' fragments and their order. A fragment's name
+        # digests everything its part depends on but a URL part's download rows, whose digest
+        # its summary records: when names, row bases and digests are those the last build wrote
+        # the table from, it is kept as it is (a no-op build neither reads the fragments nor
+        # rewrites it).
+        state = None
+        if all(p.committed for p in self.parts):
+            state = _digest(RAW_INDEX_STATE_VERSION, [f.name for f in RAW_INDEX_SCHEMA], len(self.spec.sources),
+                            files, bases, url_files, [p.digest for p in self.parts if p.rows])
+            if _raw_index_state(con) == state:
+                return base
         con.register("_raw_index_empty", RAW_INDEX_SCHEMA.empty_table())
         con.execute("CREATE OR REPLACE TABLE raw_index AS SELECT * FROM _raw_index_empty")
         con.unregister("_raw_index_empty")
+        con.execute("CREATE OR REPLACE TABLE raw_index_state (digest VARCHAR)")
         if files:
             con.register("_scan_parts", pa.table({"filename": files, "base": pa.array(bases, pa.int64())}))
             try:
-                self._insert(con, files, url_files)
+                self._insert(con, files, bases, url_files)
             finally:
                 con.unregister("_scan_parts")
             if len(self.spec.sources) > 1:
                 self._check_duplicate_ids(con)
-        replace_table(con, "scan_skips", scan_skips_table(stats))
+        if state is not None:
+            con.execute("INSERT INTO raw_index_state VALUES (?)", [state])
         return base
 
     @staticmethod
-    def _insert(con: duckdb.DuckDBPyConnection, files: list[str], url_files: list[str]) -> None:
+    def _insert(con: duckdb.DuckDBPyConnection, files: list[str], bases: list[int], url_files: list[str]) -> None:
         con.execute("CREATE OR REPLACE TEMP TABLE _scan_dups (row_id BIGINT)")
         if url_files:
             # A row of a URL source whose id an earlier row of the source has (in an earlier file
@@ -371,7 +397,7 @@ class ScanCache:
         cols = []
         for f in RAW_INDEX_SCHEMA:
             if f.name == "row_id":
-                cols.append("p.base + t.file_row_number AS row_id")
+                cols.append("$base + t.file_row_number AS row_id")
             elif f.name in _DUP_NULLED:
                 cols.append(f"CASE WHEN d.row_id IS NULL THEN t.{f.name} END AS {f.name}")
             elif f.name == "issue":
@@ -380,15 +406,17 @@ class ScanCache:
                 cols.append(f"CASE WHEN d.row_id IS NULL THEN t.{f.name} ELSE t.dup_{f.name} END AS {f.name}")
             else:
                 cols.append(f"t.{f.name}")
-        con.execute(
-            f"""INSERT INTO raw_index
-                SELECT {', '.join(cols)}
-                FROM read_parquet($files, filename = true, file_row_number = true) t
-                JOIN _scan_parts p USING (filename)
-                LEFT JOIN _scan_dups d ON d.row_id = p.base + t.file_row_number
-                ORDER BY row_id""",
-            {"files": files},
-        )
+        # One part at a time, in row order: the sort holds one part's rows (at most a unit's
+        # records), not the whole index, and the table's rows lie in row_id order as before.
+        for file, base in zip(files, bases):
+            con.execute(
+                f"""INSERT INTO raw_index
+                    SELECT {', '.join(cols)}
+                    FROM read_parquet($file, file_row_number = true) t
+                    LEFT JOIN _scan_dups d ON d.row_id = $base + t.file_row_number
+                    ORDER BY row_id""",
+                {"file": file, "base": base},
+            )
         con.execute("DROP TABLE _scan_dups")
 
     @staticmethod

@@ -268,13 +268,16 @@ ORDER BY p.bucket_id, p.key
 """
 
 
+PLAN_ROW_GROUP = 8192  # rows per row group of the plan file: what a reader decodes at a time
+
+
 def write_sample_plan(con, bucket_ids: list[str], path: str | os.PathLike) -> None:
     """Write the ordered sample lists of these buckets to a parquet file (row groups follow the
     bucket order, so reading one bucket back touches only its rows)."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(path).with_name(f"{TMP_PREFIX}{Path(path).name}")
     con.execute(
-        f"COPY ({SAMPLE_PLAN_SQL}) TO '{_sql_path(tmp)}' (FORMAT parquet, ROW_GROUP_SIZE 65536)",
+        f"COPY ({SAMPLE_PLAN_SQL}) TO '{_sql_path(tmp)}' (FORMAT parquet, ROW_GROUP_SIZE {PLAN_ROW_GROUP})",
         {"buckets": list(bucket_ids)},
     )
     os.replace(tmp, path)
@@ -292,7 +295,8 @@ def iter_sample_plan(path: str | os.PathLike, batch_rows: int = 4096) -> Iterato
     memory holds one batch, whatever the number of samples."""
     import pyarrow.parquet as pq
 
-    with pq.ParquetFile(path) as f:
+    # pre_buffer (pyarrow's default) keeps what it read ahead for the whole file.
+    with pq.ParquetFile(path, pre_buffer=False) as f:
         for batch in f.iter_batches(batch_size=batch_rows):
             yield from batch.to_pylist()
 

@@ -194,6 +194,7 @@ class StoreRun:
         self.results, self.compact_src, self.moved = (self.dir / "results.parquet", self.dir / "compact-src.parquet",
                                                       self.dir / "moved.parquet")
         self.planned: dict[str, tuple[int, int]] = {}  # bucket -> (samples, to render)
+        self.journal_rows = 0  # rows a killed run journaled (loaded by plan)
 
     def close(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
@@ -278,6 +279,7 @@ class StoreRun:
                 table = table.add_column(0, "seq", pa.array(range(seq, seq + len(table)), pa.int64()))
                 seq += len(table)
                 _insert(con, "_store_journal", table)
+        self.journal_rows = seq
 
     # -- render ----------------------------------------------------------------------------
     def tasks(self) -> Iterator[RenderTask]:
@@ -358,15 +360,33 @@ class StoreRun:
                        FROM ({rows}) s LEFT JOIN read_parquet($moved) m ON m.bucket_id = s.bucket_id AND m.key = s.key"""
         params = {"src": self._staged(), **({"moved": str(self.moved)} if self.moved.exists() else {})}
         with self.store.connect() as con:
-            with transaction(con, TABLE):
-                _ensure_table(con)
-                con.execute(f'DELETE FROM "{TABLE}" WHERE list_contains($buckets, bucket_id)', {"buckets": self.buckets})
-                if params["src"]:
-                    con.execute(f'INSERT INTO "{TABLE}" BY NAME SELECT * FROM ({rows})', params)
+            if not self._as_committed(con):
+                with transaction(con, TABLE):
+                    _ensure_table(con)
+                    con.execute(f'DELETE FROM "{TABLE}" WHERE list_contains($buckets, bucket_id)', {"buckets": self.buckets})
+                    if params["src"]:
+                        con.execute(f'INSERT INTO "{TABLE}" BY NAME SELECT * FROM ({rows})', params)
             for b in self.buckets:
                 journal_path(self.processed_dir, b).unlink(missing_ok=True)
             self.prune(con)
             return self._summary(con)
+
+    def _as_committed(self, con) -> bool:
+        """Whether the partitions' committed rows are already exactly this run's (nothing was
+        rendered, journaled or moved, and the kept rows equal the table's rows of these buckets
+        as a multiset, compared in DuckDB): then a no-op build does not rewrite the table."""
+        if self.to_render or self.journal_rows or self.moved.exists() or not table_exists(con, TABLE):
+            return False
+        cols = ", ".join(f'"{c}"' for c, _ in COLUMNS)
+        mine = f'SELECT {cols} FROM "{TABLE}" WHERE list_contains($buckets, bucket_id)'
+        if not self.kept.exists():
+            return con.execute(f"SELECT count(*) FROM ({mine})", {"buckets": self.buckets}).fetchone()[0] == 0
+        kept = f"SELECT {cols} FROM read_parquet($kept)"
+        n_kept, n_mine, n_diff = con.execute(
+            f"SELECT (SELECT count(*) FROM ({kept})), (SELECT count(*) FROM ({mine})), "
+            f"(SELECT count(*) FROM ({kept} EXCEPT ALL {mine}))",
+            {"buckets": self.buckets, "kept": str(self.kept)}).fetchone()
+        return n_kept == n_mine and n_diff == 0
 
     def prune(self, con) -> int:
         """Delete the files of these buckets' store dirs that no committed row references
@@ -387,7 +407,7 @@ class StoreRun:
                 ANTI JOIN (SELECT DISTINCT path FROM "{TABLE}" WHERE list_contains($buckets, bucket_id)
                            AND status = 'ok' AND path IS NOT NULL) p ON p.path = f.path""",
             {"buckets": self.buckets},
-        ).fetch_record_batch(self.batch_rows)
+        ).to_arrow_reader(self.batch_rows)
         n = 0
         for batch in gone:
             for path in batch.column("path").to_pylist():

@@ -157,6 +157,23 @@ def recorded_shards(con, bucket_ids: list[str]) -> dict[tuple[str, int], dict]:
     return {(r["bucket_id"], r["shard_index"]): r for r in rows.to_pylist()}
 
 
+def shards_as_recorded(con, bucket_ids: list[str], run: ShardRun, recorded: dict[tuple[str, int], dict]) -> bool:
+    """Whether these buckets' shard_files and shard_samples rows already say what `run` would
+    record, so neither is rewritten: every shard was skipped as unchanged (its content
+    fingerprint covers each sample's key, .txt and .json, so its shard_samples rows too), the
+    new shard_files rows equal the recorded ones, and shard_samples holds as many rows of these
+    buckets as the shards hold samples."""
+    if run.built or len(run.rows) != len(recorded) or not table_exists(con, "shard_samples"):
+        return False
+    names = SHARD_FILES_SCHEMA.names
+    for r in run.rows:
+        prev = recorded.get((r["bucket_id"], r["shard_index"]))
+        if prev is None or any(prev.get(c) != r.get(c) for c in names):
+            return False
+    n = con.execute("SELECT count(*) FROM shard_samples WHERE list_contains(?, bucket_id)", [bucket_ids]).fetchone()[0]
+    return n == sum(r["samples"] for r in run.rows)
+
+
 def record_shards(con, bucket_ids: list[str], rows: list[dict], plan: Path | None) -> int:
     """Replace these buckets' shard_files and shard_samples rows in one transaction; shard_samples
     come from the plan file joined with the shards' key ranges. Returns the samples recorded."""
@@ -232,7 +249,10 @@ def bucket_shards_asset(partitions: dg.PartitionsDefinition, processed_images: d
                                 on_bucket=lambda _b: progress.advance())
             progress.close()
             with dataset.db() as con:
-                n_samples = record_shards(con, keys, run.rows, plan if has_plan else None)
+                if shards_as_recorded(con, keys, run, recorded):
+                    n_samples = sum(r["samples"] for r in run.rows)  # a no-op: nothing to rewrite
+                else:
+                    n_samples = record_shards(con, keys, run.rows, plan if has_plan else None)
         finally:
             plan.unlink(missing_ok=True)
         per_bucket: dict[str, list[dict]] = {b: [] for b in keys}
@@ -352,25 +372,65 @@ def export_manifest_asset(bucket_shards: dg.AssetsDefinition) -> dg.AssetsDefini
     return export_manifest
 
 
-def write_pictures(out: Path, manifest: dict, per_bucket: int = 8) -> int:
+# Bump when the chart or a contact sheet is drawn differently from the same inputs: every
+# picture recorded in the pictures state is then drawn again.
+PICTURES_VERSION = 1
+PICTURES_STATE = "card_pictures.json"
+
+
+def _picture_key(*parts) -> str:
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps([PICTURES_VERSION, *parts], sort_keys=True).encode()).hexdigest()
+
+
+def write_pictures(out: Path, manifest: dict, per_bucket: int = 8, state_path: Path | None = None) -> int:
     """The chart and one contact sheet per bucket next to the card; unchanged files are left
-    alone and sheets of buckets no longer exported removed. Returns files written."""
+    alone and sheets of buckets no longer exported removed. Returns files written.
+
+    With `state_path` (a JSON file in the work dir), each picture's inputs are recorded with
+    the identity (size, mtime_ns, inode) of the file written: a picture whose inputs (the chart:
+    the manifest's content; a sheet: its title and its bucket's shard paths and sha256) and file
+    are those recorded is not drawn again, so a no-op build opens no shard and skips matplotlib.
+    A missing or unreadable state just means every picture is drawn and compared."""
+    import json
+
     written = 0
+    old: dict = {}
+    if state_path is not None:
+        try:
+            old = json.loads(state_path.read_text(encoding="utf-8"))
+            old = old if isinstance(old, dict) and old.get("version") == PICTURES_VERSION else {}
+        except (OSError, ValueError):
+            old = {}
+    new: dict[str, dict] = {}
 
-    def put(path: Path, data: bytes) -> None:
+    def put(path: Path, key: str, draw: Callable[[], bytes]) -> None:
         nonlocal written
-        if not path.is_file() or path.read_bytes() != data:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_bytes(path, data)
-            written += 1
+        rel = str(path.relative_to(out))
+        prev = (old.get("files") or {}).get(rel)
+        ident = file_identity(path)
+        if not (isinstance(prev, dict) and prev.get("key") == key and ident is not None
+                and list(ident) == prev.get("ident")):
+            data = draw()
+            if not path.is_file() or path.read_bytes() != data:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                atomic_write_bytes(path, data)
+                written += 1
+            ident = file_identity(path)
+        new[rel] = {"key": key, "ident": list(ident) if ident is not None else None}
 
-    put(out / CHART_NAME, bucket_chart_png(manifest))
+    chart_input = {k: v for k, v in manifest.items() if k != "created"}
+    put(out / CHART_NAME, _picture_key("chart", chart_input), lambda: bucket_chart_png(manifest))
     keep = set()
     for bucket_id, b in manifest["buckets"].items():
-        samples = first_samples([out / sh["path"] for sh in b["shards"]], per_bucket)
+        shards = [(sh["path"], sh["sha256"]) for sh in b["shards"]]
         title = f"{bucket_id}: {b['scaled']['w']}x{b['scaled']['h']}, {b['count']} samples"
         keep.add(out / sheet_path(bucket_id))
-        put(out / sheet_path(bucket_id), contact_sheet_png(samples, title))
+        put(out / sheet_path(bucket_id), _picture_key("sheet", title, per_bucket, shards),
+            lambda shards=shards, title=title: contact_sheet_png(
+                first_samples([out / rel for rel, _ in shards], per_bucket), title))
     sheets = out / SHEETS_DIR
     if sheets.is_dir():
         remove_stale_temps(sheets)
@@ -378,6 +438,9 @@ def write_pictures(out: Path, manifest: dict, per_bucket: int = 8) -> int:
             # Only sheets of our own naming: any other file there is the user's.
             if p not in keep and p.suffix == ".png" and BUCKET_DIR_RE.match(p.stem) and p.is_file():
                 p.unlink()
+    if state_path is not None and new != old.get("files"):
+        state_path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(state_path, json.dumps({"version": PICTURES_VERSION, "files": new}, sort_keys=True))
     return written
 
 
@@ -390,7 +453,7 @@ def dataset_card_asset(export_manifest: dg.AssetsDefinition) -> dg.AssetsDefinit
         manifest = read_manifest(out / MANIFEST_NAME)
         if manifest is None:
             raise dg.Failure(f"{out / MANIFEST_NAME} is missing or unreadable: materialize export_manifest first")
-        written = write_pictures(out, manifest)
+        written = write_pictures(out, manifest, state_path=Path(spec.work_dir) / PICTURES_STATE)
         card = render_card(manifest, pictures=True)
         path = out / "README.md"
         if not path.is_file() or path.read_text(encoding="utf-8") != card:
