@@ -27,9 +27,9 @@ source (both named `src`, caption variant alt_text): base resolution 128, divisi
 alike: min_similarity and drop_nsfw off, a column rule similarity >= 0.3 (the tar's .json and
 the parquet row both carry it, so both skip the same ~2 %). The tar source reads the .txt
 caption, the parquet one columns {id: key, image: image, caption: text, url: url}. The shard
-files themselves are not expected to be identical: a parquet source has no similarity / nsfw
-column roles (only URL sources do), so those two fields of a sample's .json are null for it;
-the fields that differ are reported.
+files themselves are not expected to be identical: the parquet source here maps no similarity /
+nsfw columns, so those two fields of a sample's .json are null for it, and `source_meta` is the
+tar's .json on one side and the parquet row on the other; the fields that differ are reported.
   1. tar / hf alternately, --repeat rounds (A/B/A/B: the shared machine's drift hits both):
      wall time, per-stage seconds from the event log (raw_index, processed_images,
      bucket_shards, export_manifest, dataset_card, checks, other, pre/post), CPU seconds, peak
