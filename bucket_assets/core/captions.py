@@ -533,13 +533,17 @@ def build_caption_table(
     ids = {(r["kind"], r["name"]): r["source_id"] for r in rows}
     replace_table(con, "caption_sources", pa.Table.from_pylist(rows, schema=CAPTION_SOURCES_SCHEMA))
     # Each input source's own captions; the first record of a (source, id) pair speaks for it.
+    # A grouped arg_min, not a window: DuckDB's hash aggregate spills under its memory cap, while
+    # a window partitioned over every id of a 30M-row index ran out of memory at 3 GB.
     con.execute(
         """CREATE OR REPLACE TABLE captions AS
-           SELECT r.image_id, s.source_id, s.variant, r.caption AS text,
-                  CASE WHEN r.caption IS NULL OR r.caption = '' THEN 'empty' ELSE 'ok' END AS status,
-                  r.notes AS flags
-           FROM raw_index r JOIN caption_sources s ON s.kind = 'input' AND s.name = r.source
-           QUALIFY row_number() OVER (PARTITION BY r.source, r.image_id ORDER BY r.row_id) = 1"""
+           SELECT image_id, source_id, variant, first.c AS text,
+                  CASE WHEN first.c IS NULL OR first.c = '' THEN 'empty' ELSE 'ok' END AS status,
+                  first.n AS flags
+           FROM (SELECT r.image_id, s.source_id, s.variant,
+                        arg_min({'c': r.caption, 'n': r.notes}, r.row_id) AS first
+                 FROM raw_index r JOIN caption_sources s ON s.kind = 'input' AND s.name = r.source
+                 GROUP BY r.image_id, s.source_id, s.variant)"""
     )
     unknown = {}
     for src in landing:
@@ -548,8 +552,9 @@ def build_caption_table(
         # One caption per image per source: the first row for an id wins.
         con.execute(
             f"""INSERT INTO captions
-                SELECT image_id, $sid, $variant, text, status, flags FROM ({sql})
-                QUALIFY row_number() OVER (PARTITION BY image_id ORDER BY row_number) = 1""",
+                SELECT image_id, $sid, $variant, first.t, first.s, first.f FROM (
+                    SELECT image_id, arg_min({{'t': text, 's': status, 'f': flags}}, row_number) AS first
+                    FROM ({sql}) GROUP BY image_id)""",
             {**params, "sid": ids[("landing", src.name)], "variant": src.variant},
         )
         unknown[src.name] = con.execute(
