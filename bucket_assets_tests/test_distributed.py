@@ -135,7 +135,7 @@ def test_celery_build_equals_the_single_machine_build(engine, sample_root, tmp_p
         ppid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
         assert ppid in by, f"{p.name} was scanned by {pid}, not a Celery worker"
         by[ppid].add(p)
-    assert len(scanned) == 4 and all(by.values()), by
+    assert len(scanned) == 6 and all(by.values()), by  # 2 tars, pcb, folder, 2 hub files
 
     # The same workers (still holding their packs open) serve the next runs: a quality change
     # re-renders everything into new packs and prunes the old ones; changing it back gives the
