@@ -92,15 +92,21 @@ class WebDatasetSource(_Model):
 ColumnName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_ .:/-]{0,127}$")]
 
 
-class ParquetColumns(_Model):
-    # None: no id column; a record's id is then "<file stem>-<row index in the file>".
-    id: ColumnName | None = "id"
+class _RecordColumns(_Model):
+    """The columns every metadata table may map to a record's fields (parquet rows, imagefolder
+    metadata rows)."""
+
     caption: ColumnName | None = "caption"
     fallback_caption: ColumnName | None = None
     width: ColumnName | None = None
     height: ColumnName | None = None
     url: ColumnName | None = None
     license: ColumnName | None = None
+
+
+class ParquetColumns(_RecordColumns):
+    # None: no id column; a record's id is then "<file stem>-<row index in the file>".
+    id: ColumnName | None = "id"
     similarity: ColumnName | None = None  # CLIP similarity (min_similarity filters on it)
     nsfw: ColumnName | None = None  # NSFW tag (drop_nsfw filters on it)
     # The image bytes inside the parquet (Hugging Face `datasets` Image feature: a struct
@@ -139,16 +145,11 @@ class ParquetSource(_Model):
         return self
 
 
-class FolderColumns(_Model):
+class FolderColumns(_RecordColumns):
     """Columns of a folder's imagefolder metadata (`metadata.jsonl` / `metadata.csv`, rows keyed
     by `file_name`); a row without the column has no value from it."""
 
     caption: ColumnName | None = "text"
-    fallback_caption: ColumnName | None = None
-    width: ColumnName | None = None
-    height: ColumnName | None = None
-    url: ColumnName | None = None
-    license: ColumnName | None = None
 
 
 class FolderSource(_Model):

@@ -7,6 +7,7 @@ own caption and metadata. Reading the bytes and probing the header happens later
 from __future__ import annotations
 
 import errno
+import glob
 import hashlib
 import os
 import stat
@@ -76,6 +77,11 @@ def stat_token(path: str) -> str:
     except OSError as exc:
         return f"error:{exc.errno}"
     return f"{st.st_mode:o}:{st.st_size}:{st.st_mtime_ns}:{st.st_ino}"
+
+
+def matching_files(patterns: Iterable[str]) -> list[str]:
+    """Every file the globs match, once each, in sorted order: a source's reading order."""
+    return sorted({m for pattern in patterns for m in glob.glob(pattern)})
 
 
 def is_candidate(name: str, exts: Iterable[str]) -> bool:

@@ -6,7 +6,6 @@ A source's files (a file, a glob or a list, read in sorted order) are its scan u
 from __future__ import annotations
 
 import bisect
-import glob
 import os
 from typing import Iterator
 
@@ -14,9 +13,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from bucket_assets.core.captions import clean_caption
-from bucket_assets.core.sources import RawRecord, ScanStats, dir_state, stat_token
+from bucket_assets.core.sources import RawRecord, ScanStats, dir_state, matching_files, stat_token
 from bucket_assets.core.sources.values import is_regular_file
-from bucket_assets.spec import ParquetColumns, ParquetSource, source_paths
+from bucket_assets.spec import ParquetColumns, ParquetSource, UrlSource, source_paths
 
 
 class SourceError(ValueError):
@@ -48,9 +47,9 @@ def extensions(source: ParquetSource) -> list[str]:
     return [e.lower().lstrip(".") for e in source.image_extensions]
 
 
-def files(source: ParquetSource) -> list[str]:
+def files(source: ParquetSource | UrlSource) -> list[str]:
     """The source's parquet files in reading order: every match of its path(s), sorted."""
-    found = sorted({m for pattern in source_paths(source.path) for m in glob.glob(pattern)})
+    found = matching_files(source_paths(source.path))
     if not found:
         raise SourceError(f"source {source.name}: no parquet matches {source.path}")
     return found

@@ -4,7 +4,6 @@ located at its downloaded bytes, or carrying the download's failure reason as it
 
 from __future__ import annotations
 
-import glob
 from typing import Iterator, Mapping
 
 import pyarrow as pa
@@ -12,18 +11,14 @@ import pyarrow.parquet as pq
 
 from bucket_assets.core.download import blob_path
 from bucket_assets.core.sources import RawRecord, ScanStats, stat_token
-from bucket_assets.core.sources.parquet import SourceError, fill_from_columns, missing_id, read_rows
+from bucket_assets.core.sources.parquet import SourceError, files as parquet_files, fill_from_columns, missing_id, read_rows
 from bucket_assets.core.sources.values import is_regular_file
-from bucket_assets.spec import UrlSource, source_paths
+from bucket_assets.spec import UrlSource
 
 _NUMERIC = ("width", "height")
 
 
-def files(source: UrlSource) -> list[str]:
-    found = sorted({m for pattern in source_paths(source.path) for m in glob.glob(pattern)})
-    if not found:
-        raise SourceError(f"source {source.name}: no parquet matches {source.path}")
-    return found
+files = parquet_files  # a URL source's metadata files are found as a parquet source's
 
 
 def _check_schema(source: UrlSource, path: str) -> list[str]:

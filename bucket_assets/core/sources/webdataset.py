@@ -18,7 +18,6 @@ files in download-completion order).
 
 from __future__ import annotations
 
-import glob
 import io
 import lzma
 import os
@@ -31,7 +30,7 @@ import pyarrow.parquet as pq
 
 from bucket_assets.core.captions import clean_caption
 from bucket_assets.core.sources import (
-    RawRecord, ScanStats, caption_from_sidecar, check_input_file, open_regular, stat_token,
+    RawRecord, ScanStats, caption_from_sidecar, check_input_file, matching_files, open_regular, stat_token,
 )
 from bucket_assets.core.sources.values import caption_bytes_limit, load_json_object, read_prefix
 from bucket_assets.core.sources.values import text as as_text
@@ -102,7 +101,7 @@ class _Clamped(io.RawIOBase):
 
 def unit_paths(source: WebDatasetSource) -> list[str]:
     """The source's tars, in the order they are read: each one is a scan unit."""
-    return sorted({p for pattern in source.paths for p in glob.glob(pattern)})
+    return matching_files(source.paths)
 
 
 _TAR_SUFFIXES = (".tar.gz", ".tar.bz2", ".tar.xz", ".tgz", ".tar")
