@@ -144,6 +144,8 @@ def test_no_op_rebuild_opens_no_shard_file_and_no_store_pack(built):
     assert meta["run_shards_unchanged"] == meta["run_shards"] == len(before)
     assert meta["run_shards_built"] == 0 and meta["run_files_rewritten"] == 0
     assert meta["run_samples"] == sum(r[3] for r in rows)
+    # Every bucket, empty ones included, stood by its plan digest: none was planned in Python.
+    assert meta["run_buckets_unchanged"] == meta["run_buckets"]
     # Nothing in the whole build opened a store pack; bucket_shards opened no file at all there,
     # nor any shard file.
     store = str((work / "processed").resolve())
@@ -186,6 +188,8 @@ def test_a_caption_change_rebuilds_only_the_shard_that_holds_it(built):
     meta = _shard_meta(result)
     assert meta["run_shards_built"] == 1 and meta["run_files_rewritten"] == 1
     assert meta["run_shards_unchanged"] == len(rows) - 1
+    # Only that bucket's plan digest changed: no other bucket was planned.
+    assert meta["run_buckets_unchanged"] == meta["run_buckets"] - 1
     after = _files(export)
     changed = sorted(k for k in after if after[k] != before[k])
     assert changed == [shard[2]]
@@ -235,6 +239,8 @@ def test_a_shard_changed_behind_the_builds_back_is_rebuilt_and_verify_names_a_di
     meta = _shard_meta(result)
     assert meta["run_shards_built"] == 1 and meta["run_files_rewritten"] == 1
     assert meta["run_shards_unchanged"] == len(rows) - 1
+    # A file that is no longer the one recorded takes its bucket off the digest path.
+    assert meta["run_buckets_unchanged"] == meta["run_buckets"] - 1
     assert _check_meta(result, "export_verifies")["shards_read"] == 1
     assert (export / rel).read_bytes() == before[rel][2]
     verify_export(export)
@@ -335,7 +341,7 @@ def _publish_staged(out: Path, run) -> None:
 
 def test_write_buckets_is_the_same_on_a_chunked_json_engine_and_skips_what_it_recorded(tmp_path):
     from bucket_assets.core.publish import file_identity
-    from bucket_assets.defs.assets.export import write_buckets
+    from bucket_assets.core.shard_writer import write_buckets
     from bucket_assets.distributed import LocalCompute
 
     rows = _store_rows(tmp_path / "store", {"p32x32": 11, "p64x32": 1, "p32x64": 7})
@@ -373,7 +379,7 @@ def test_write_buckets_is_the_same_on_a_chunked_json_engine_and_skips_what_it_re
 
 
 def test_write_buckets_refuses_a_plan_out_of_bucket_order(tmp_path):
-    from bucket_assets.defs.assets.export import write_buckets
+    from bucket_assets.core.shard_writer import write_buckets
 
     rows = _store_rows(tmp_path / "store", {"p32x32": 2, "p32x64": 2})
     with pytest.raises(ValueError, match="out of order"):
@@ -405,7 +411,7 @@ def _lazy_rows(pack: Path, n: int):
 def test_write_buckets_memory_follows_the_shard_not_the_bucket(tmp_path):
     import tracemalloc
 
-    from bucket_assets.defs.assets.export import write_buckets
+    from bucket_assets.core.shard_writer import write_buckets
 
     peaks = {}
     for n in (2_000, 20_000):

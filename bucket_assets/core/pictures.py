@@ -6,16 +6,20 @@ byte-identical pictures.
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 import os
 import stat
 import sys
 import tempfile
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 from PIL import Image, ImageDraw, ImageFont
 
+from bucket_assets.core.atomic import atomic_write_bytes, atomic_write_text, remove_stale_temps
+from bucket_assets.core.publish import BUCKET_DIR_RE, file_identity
 from bucket_assets.core.shards import read_shard
 
 CHART_NAME = "bucket_distribution.png"
@@ -122,3 +126,70 @@ def contact_sheet_png(samples: list[tuple[bytes, str]], title: str, tile: int = 
 
 def sheet_path(bucket_id: str) -> str:
     return str(Path(SHEETS_DIR) / f"{bucket_id}.png")
+
+
+# Bump when the chart or a contact sheet is drawn differently from the same inputs: every
+# picture recorded in the pictures state is then drawn again.
+PICTURES_VERSION = 1
+PICTURES_STATE = "card_pictures.json"
+
+
+def _picture_key(*parts) -> str:
+    return hashlib.sha256(json.dumps([PICTURES_VERSION, *parts], sort_keys=True).encode()).hexdigest()
+
+
+def write_pictures(out: Path, manifest: dict, per_bucket: int = 8, state_path: Path | None = None) -> int:
+    """The chart and one contact sheet per bucket next to the card; unchanged files are left
+    alone and sheets of buckets no longer exported removed. Returns files written.
+
+    With `state_path` (a JSON file in the work dir), each picture's inputs are recorded with
+    the identity (size, mtime_ns, inode) of the file written: a picture whose inputs (the chart:
+    the manifest's content; a sheet: its title and its bucket's shard paths and sha256) and file
+    are those recorded is not drawn again, so a no-op build opens no shard and skips matplotlib.
+    A missing or unreadable state just means every picture is drawn and compared."""
+    written = 0
+    old: dict = {}
+    if state_path is not None:
+        try:
+            old = json.loads(state_path.read_text(encoding="utf-8"))
+            old = old if isinstance(old, dict) and old.get("version") == PICTURES_VERSION else {}
+        except (OSError, ValueError):
+            old = {}
+    new: dict[str, dict] = {}
+
+    def put(path: Path, key: str, draw: Callable[[], bytes]) -> None:
+        nonlocal written
+        rel = str(path.relative_to(out))
+        prev = (old.get("files") or {}).get(rel)
+        ident = file_identity(path)
+        if not (isinstance(prev, dict) and prev.get("key") == key and ident is not None
+                and list(ident) == prev.get("ident")):
+            data = draw()
+            if not path.is_file() or path.read_bytes() != data:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                atomic_write_bytes(path, data)
+                written += 1
+            ident = file_identity(path)
+        new[rel] = {"key": key, "ident": list(ident) if ident is not None else None}
+
+    chart_input = {k: v for k, v in manifest.items() if k != "created"}
+    put(out / CHART_NAME, _picture_key("chart", chart_input), lambda: bucket_chart_png(manifest))
+    keep = set()
+    for bucket_id, b in manifest["buckets"].items():
+        shards = [(sh["path"], sh["sha256"]) for sh in b["shards"]]
+        title = f"{bucket_id}: {b['scaled']['w']}x{b['scaled']['h']}, {b['count']} samples"
+        keep.add(out / sheet_path(bucket_id))
+        put(out / sheet_path(bucket_id), _picture_key("sheet", title, per_bucket, shards),
+            lambda shards=shards, title=title: contact_sheet_png(
+                first_samples([out / rel for rel, _ in shards], per_bucket), title))
+    sheets = out / SHEETS_DIR
+    if sheets.is_dir():
+        remove_stale_temps(sheets)
+        for p in sheets.iterdir():
+            # Only sheets of our own naming: any other file there is the user's.
+            if p not in keep and p.suffix == ".png" and BUCKET_DIR_RE.match(p.stem) and p.is_file():
+                p.unlink()
+    if state_path is not None and new != old.get("files"):
+        state_path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(state_path, json.dumps({"version": PICTURES_VERSION, "files": new}, sort_keys=True))
+    return written

@@ -253,7 +253,7 @@ def sample_meta(row: dict, bucket_id: str) -> bytes:
 
 # The ordered sample list of each bucket: what its shards will hold. jpg_sha256 is the stored
 # JPEG's sha256 (processed_images), so a shard's content is known without reading the store.
-SAMPLE_PLAN_SQL = """
+SAMPLE_ROWS_SQL = """
 SELECT p.bucket_id, p.bytes AS jpg_bytes, p.sha256 AS jpg_sha256, p.key, p.path, p.pack_offset, p.image_id,
        r.source, a.src_w, a.src_h,
        a.target_w, a.target_h, sc.text, sc.caption_variant, sc.caption_selector_index,
@@ -264,8 +264,31 @@ JOIN selected_captions sc ON sc.image_id = p.image_id
 JOIN filtered_images f ON f.image_id = p.image_id AND f.decision = 'keep'
 JOIN raw_index r ON r.row_id = f.row_id
 WHERE list_contains($buckets, p.bucket_id) AND p.status = 'ok' AND sc.status <> 'dropped'
-ORDER BY p.bucket_id, p.key
 """
+SAMPLE_PLAN_SQL = SAMPLE_ROWS_SQL + "ORDER BY p.bucket_id, p.key\n"
+
+# Every plan column that goes into a shard's bytes (the key order and the split included): not
+# the store location (path, pack_offset), which only says where the same JPEG bytes are read.
+DIGEST_COLUMNS = (
+    "key", "jpg_bytes", "jpg_sha256", "image_id", "source", "src_w", "src_h", "target_w", "target_h", "text",
+    "caption_variant", "caption_selector_index", "caption_source_id", "url", "similarity", "nsfw", "license",
+    "source_meta",
+)
+
+
+def plan_digests(con, bucket_ids: list[str]) -> dict[str, tuple[int, int, int] | None]:
+    """Per bucket that has samples: (count, sum, bit_xor) of two DuckDB hashes of each sample's
+    DIGEST_COLUMNS, order-independent aggregates computed where the plan is (no row reaches
+    Python). Equal digests mean equal sample lists, so equal shards. None for a bucket with a
+    sample whose JPEG sha256 is unknown (a store row from before it was recorded)."""
+    cols = ", ".join(DIGEST_COLUMNS)
+    rows = con.execute(
+        f"""SELECT bucket_id, count(*), sum(hash({cols})::HUGEINT), bit_xor(hash({cols}, 'digest')),
+                   count(*) FILTER (WHERE jpg_sha256 IS NULL OR jpg_sha256 = '')
+            FROM ({SAMPLE_ROWS_SQL}) GROUP BY bucket_id""",
+        {"buckets": list(bucket_ids)},
+    ).fetchall()
+    return {b: None if unknown else (int(n), int(s), int(x)) for b, n, s, x, unknown in rows}
 
 
 PLAN_ROW_GROUP = 8192  # rows per row group of the plan file: what a reader decodes at a time

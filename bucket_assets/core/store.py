@@ -195,6 +195,7 @@ class StoreRun:
                                                       self.dir / "moved.parquet")
         self.planned: dict[str, tuple[int, int]] = {}  # bucket -> (samples, to render)
         self.journal_rows = 0  # rows a killed run journaled (loaded by plan)
+        self.unchanged = False  # plan found every committed row as it is: nothing to render, move or commit
 
     def close(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
@@ -214,34 +215,54 @@ class StoreRun:
         return self.samples - self.to_render
 
     def plan(self) -> None:
-        """Decide in DuckDB which planned samples are rendered and which rows are reused."""
+        """Decide in DuckDB which planned samples are rendered and which rows are reused. When
+        every planned sample keeps its committed row as it is (a no-op), that is decided by one
+        aggregate and no file is written: the run then renders, moves and commits nothing."""
         with self.store.connect() as con:
             self._load_packs(con)
             self._load_journals(con)
-            cand = ["SELECT 0 AS origin, seq, " + ", ".join(f'"{c}"' for c, _ in COLUMNS if c != "image_id")
-                    + " FROM _store_journal"]
+            cand = ["SELECT 0 AS origin, seq, image_id AS cand_image_id, "
+                    + ", ".join(f'"{c}"' for c, _ in COLUMNS if c != "image_id") + " FROM _store_journal"]
+            complete = False  # the committed table has every column (not a work dir from before one was added)
             if table_exists(con, TABLE):
                 have = {r[0] for r in con.execute(f'DESCRIBE "{TABLE}"').fetchall()}
+                complete = all(c in have for c, _ in COLUMNS)
                 cols = ", ".join(f'CAST("{c}" AS {t}) AS "{c}"' if c in have else f'NULL::{t} AS "{c}"'
                                  for c, t in COLUMNS if c != "image_id")
-                cand.append(f'SELECT 1 AS origin, 0 AS seq, {cols} FROM "{TABLE}" WHERE list_contains($buckets, bucket_id)')
+                cand.append(f'SELECT 1 AS origin, 0 AS seq, {"image_id" if "image_id" in have else "NULL"} AS cand_image_id, '
+                            f'{cols} FROM "{TABLE}" WHERE list_contains($buckets, bucket_id)')
             prev = ", ".join(f'r."{c}" AS "prev_{c}"' for c, _ in _RESULT_COLUMNS)
-            con.execute(
-                f"""COPY (
-                    WITH plan AS ({PLAN_SQL}),
-                    cand AS ({" UNION ALL ".join(cand)}),
-                    reusable AS (
-                        SELECT c.* FROM cand c
-                        JOIN plan p ON p.bucket_id = c.bucket_id AND p.key = c.key AND p.fingerprint = c.fingerprint
-                        LEFT JOIN _store_packs k ON k.bucket_id = c.bucket_id AND k.path = c.path
-                        WHERE c.status IS DISTINCT FROM 'ok' OR c.pack_offset + c.bytes <= k.size
-                        QUALIFY row_number() OVER (PARTITION BY c.bucket_id, c.key ORDER BY c.origin, c.seq DESC) = 1
-                    )
-                    SELECT p.*, r.key IS NOT NULL AS reuse, {prev}
-                    FROM plan p LEFT JOIN reusable r ON r.bucket_id = p.bucket_id AND r.key = p.key
-                ) TO $out (FORMAT parquet, ROW_GROUP_SIZE {self.batch_rows})""",
-                {"buckets": self.buckets, "out": str(self.decided), **fingerprint_params(self.params)},
-            )
+            decided = f"""
+                WITH plan AS ({PLAN_SQL}),
+                cand AS ({" UNION ALL ".join(cand)}),
+                reusable AS (
+                    SELECT c.* FROM cand c
+                    JOIN plan p ON p.bucket_id = c.bucket_id AND p.key = c.key AND p.fingerprint = c.fingerprint
+                    LEFT JOIN _store_packs k ON k.bucket_id = c.bucket_id AND k.path = c.path
+                    WHERE c.status IS DISTINCT FROM 'ok' OR c.pack_offset + c.bytes <= k.size
+                    QUALIFY row_number() OVER (PARTITION BY c.bucket_id, c.key ORDER BY c.origin, c.seq DESC) = 1
+                )
+                SELECT p.*, r.key IS NOT NULL AS reuse,
+                       -- the kept row would be the committed row itself (the same id under the same key)
+                       coalesce(r.origin = 1 AND r.cand_image_id = p.image_id, false) AS as_committed, {prev}
+                FROM plan p LEFT JOIN reusable r ON r.bucket_id = p.bucket_id AND r.key = p.key"""
+            params = {"buckets": self.buckets, **fingerprint_params(self.params)}
+            if complete and not self.journal_rows:
+                counts = con.execute(
+                    f"SELECT bucket_id, count(*), count(*) FILTER (WHERE NOT reuse), "
+                    f"count(*) FILTER (WHERE NOT as_committed) FROM ({decided}) GROUP BY bucket_id", params).fetchall()
+                committed = con.execute(f'SELECT count(*) FROM "{TABLE}" WHERE list_contains($buckets, bucket_id)',
+                                        {"buckets": self.buckets}).fetchone()[0]
+                live = dict(con.execute(
+                    f'SELECT bucket_id, coalesce(sum(bytes) FILTER (WHERE status = \'ok\'), 0) FROM "{TABLE}" '
+                    "WHERE list_contains($buckets, bucket_id) GROUP BY bucket_id", {"buckets": self.buckets}).fetchall())
+                if (all(d == 0 for *_, d in counts) and committed == sum(n for _, n, *_ in counts)
+                        and not self._due_for_compaction(live)):
+                    self.planned = {b: (0, 0) for b in self.buckets} | {b: (n, r) for b, n, r, _ in counts}
+                    self.unchanged = True
+                    return
+            con.execute(f"COPY ({decided}) TO $out (FORMAT parquet, ROW_GROUP_SIZE {self.batch_rows})",
+                        {**params, "out": str(self.decided)})
             kept = ", ".join(f'"prev_{c}" AS "{c}"' if (c, t) in _RESULT_COLUMNS else f'"{c}"' for c, t in COLUMNS)
             self._copy(con, f"SELECT {kept} FROM read_parquet($src) WHERE reuse ORDER BY bucket_id, key",
                        self.decided, self.kept)
@@ -292,6 +313,8 @@ class StoreRun:
         """Render what the plan says through `engine.map("render", ...)` (tasks streamed in,
         results in input order): each result is journaled as it arrives (a killed run resumes
         from it) and written to the run's results in batches."""
+        if self.unchanged:
+            return
         progress = Progress("processed_images: images rendered", self.to_render, report)
         journal = Journal(self.processed_dir)
         writer = pq.ParquetWriter(self.results, PROCESSED_SCHEMA)
@@ -325,15 +348,13 @@ class StoreRun:
         """Buckets whose packs are mostly replaced records (or too many): their live records,
         streamed in key order, are copied into one new pack each; the new locations are staged
         for the commit. Returns the buckets compacted."""
+        if self.unchanged:  # plan found no bucket due
+            return []
         with self.store.connect() as con:
             live = dict(con.execute(
                 "SELECT bucket_id, coalesce(sum(bytes) FILTER (WHERE status = 'ok'), 0) "
                 "FROM read_parquet($src, union_by_name = true) GROUP BY bucket_id", {"src": self._staged()}).fetchall())
-            due = []
-            for b in self.buckets:
-                sizes = [s for _, s in packs_on_disk(self.processed_dir, b)]
-                if sizes and needs_compaction(live.get(b, 0), sum(sizes), len(sizes)):
-                    due.append(b)
+            due = self._due_for_compaction(live)
             if not due:
                 return []
             con.execute(
@@ -348,6 +369,15 @@ class StoreRun:
                          for r in compact(store_dir(self.processed_dir, b), rows))
                 for batch in _batched(moved, self.batch_rows):
                     writer.write_table(pa.Table.from_pylist(batch, schema=_MOVED_SCHEMA))
+        return due
+
+    def _due_for_compaction(self, live: dict[str, int]) -> list[str]:
+        """The buckets whose packs on disk are mostly not `live` bytes (bucket -> bytes of ok records)."""
+        due = []
+        for b in self.buckets:
+            sizes = [s for _, s in packs_on_disk(self.processed_dir, b)]
+            if sizes and needs_compaction(live.get(b, 0), sum(sizes), len(sizes)):
+                due.append(b)
         return due
 
     def commit(self) -> StoreSummary:
@@ -375,6 +405,8 @@ class StoreRun:
         """Whether the partitions' committed rows are already exactly this run's (nothing was
         rendered, journaled or moved, and the kept rows equal the table's rows of these buckets
         as a multiset, compared in DuckDB): then a no-op build does not rewrite the table."""
+        if self.unchanged:
+            return True
         if self.to_render or self.journal_rows or self.moved.exists() or not table_exists(con, TABLE):
             return False
         cols = ", ".join(f'"{c}"' for c, _ in COLUMNS)

@@ -443,3 +443,56 @@ def test_write_shard_known_different_does_not_read_the_published_file(tmp_path, 
     # Without it the identical file is found by hash and nothing is written.
     same = write_shard(tmp_path / "new2.tar", lambda: iter(_samples(3)), same_as=published, size=published.stat().st_size)
     assert reads and not same.rewritten and not (tmp_path / "new2.tar").exists()
+
+
+def _plan_db():
+    import duckdb
+
+    con = duckdb.connect()
+    con.execute("""CREATE TABLE processed_images AS SELECT * FROM (VALUES
+        ('a', 'b1', 'ka', 'pack-1.bin', 0, 'ok', 10, 'sha-a'), ('b', 'b1', 'kb', 'pack-1.bin', 10, 'ok', 12, 'sha-b'),
+        ('c', 'b2', 'kc', 'pack-2.bin', 0, 'ok', 11, 'sha-c'))
+        t(image_id, bucket_id, key, path, pack_offset, status, bytes, sha256)""")
+    con.execute("""CREATE TABLE bucket_assignments AS SELECT image_id, bucket_id, 64 AS src_w, 48 AS src_h,
+                   32 AS target_w, 24 AS target_h FROM processed_images""")
+    con.execute("""CREATE TABLE selected_captions AS SELECT image_id, 'caption ' || image_id AS text,
+                   'alt_text' AS caption_variant, 0 AS caption_selector_index, 1 AS caption_source_id,
+                   'selected' AS status FROM processed_images""")
+    con.execute("""CREATE TABLE filtered_images AS SELECT image_id, row_number() OVER (ORDER BY image_id) AS row_id,
+                   'keep' AS decision FROM processed_images""")
+    con.execute("""CREATE TABLE raw_index AS SELECT row_id, 'laion' AS source, 'http://x/' || image_id AS url,
+                   0.3::DOUBLE AS similarity, 'UNLIKELY' AS nsfw, NULL::VARCHAR AS license,
+                   '{"k": 1}' AS source_meta FROM filtered_images""")
+    return con
+
+
+def test_plan_digests_cover_every_plan_column_that_makes_shard_bytes():
+    """A column added to the plan must be in the digest (or be a store location): otherwise a
+    bucket whose digest stands would keep shards that no longer match their plan."""
+    from bucket_assets.core.shards import DIGEST_COLUMNS, SAMPLE_PLAN_SQL, plan_digests
+
+    con = _plan_db()
+    cols = [r[0] for r in con.execute(f"DESCRIBE {SAMPLE_PLAN_SQL}", {"buckets": ["b1"]}).fetchall()]
+    assert set(cols) - set(DIGEST_COLUMNS) == {"bucket_id", "path", "pack_offset"}
+    before = plan_digests(con, ["b1", "b2"])
+    assert set(before) == {"b1", "b2"} and before["b1"][0] == 2 and before["b2"][0] == 1
+    assert plan_digests(con, ["b1", "b2"]) == before  # deterministic
+    # The store location moves (compaction): same bytes, same digest.
+    con.execute("UPDATE processed_images SET path = 'pack-9.bin', pack_offset = pack_offset + 100")
+    assert plan_digests(con, ["b1", "b2"]) == before
+    for table, change in [("selected_captions", "text = text || '!'"), ("raw_index", "similarity = 0.31"),
+                          ("raw_index", "source_meta = '{\"k\": 2}'"), ("processed_images", "sha256 = 'other'"),
+                          ("bucket_assignments", "src_w = 65")]:
+        con.execute(f"CREATE TABLE saved AS SELECT * FROM {table}")
+        con.execute(f"UPDATE {table} SET {change} WHERE image_id = 'b'" if table != "raw_index"
+                    else f"UPDATE {table} SET {change} WHERE row_id = 2")
+        now = plan_digests(con, ["b1", "b2"])
+        assert now["b1"] != before["b1"] and now["b2"] == before["b2"], (table, change)
+        con.execute(f"DELETE FROM {table}; INSERT INTO {table} SELECT * FROM saved; DROP TABLE saved")
+    # Two samples swapping their captions keep the count but not the digest.
+    con.execute("UPDATE selected_captions SET text = CASE image_id WHEN 'a' THEN 'caption b' WHEN 'b' THEN 'caption a' "
+                "ELSE text END")
+    assert plan_digests(con, ["b1", "b2"])["b1"] != before["b1"]
+    # A JPEG whose sha256 is unknown: no digest, the bucket is always planned.
+    con.execute("UPDATE processed_images SET sha256 = NULL WHERE image_id = 'c'")
+    assert plan_digests(con, ["b1", "b2"])["b2"] is None

@@ -146,6 +146,31 @@ def test_a_rebuild_reuses_every_row_and_its_record(tmp_path):
     assert not list((tmp_path / "work" / "tmp").glob(f"{STAGING_PREFIX}*"))
 
 
+def test_a_no_op_is_decided_by_one_aggregate_and_writes_nothing(tmp_path):
+    """A rebuild whose committed rows all stand is planned without a file and commits nothing
+    (a marker in a result column survives); a row under a new id, or a table of an older
+    version, takes the full path and is rewritten."""
+    f = Fixture(tmp_path)
+    f.build()
+    f.sql("UPDATE processed_images SET error = 'marker' WHERE key = 'img0_000'")
+    with f.store.run(BUCKETS, PARAMS, "t") as run:
+        assert run.unchanged and (run.samples, run.to_render) == (14, 0)
+        assert not any(p.exists() for p in (run.decided, run.kept, run.todo))
+        run.render(Inline())
+        done = run.finish()
+    assert (done.samples, done.rendered) == (14, 0)
+    assert f.rows()["p32x24/img0_000"]["error"] == "marker"  # not rewritten
+
+    # The same key and fingerprint under another image id: reused, but the row is rewritten.
+    f.sql("UPDATE processed_images SET image_id = 'someone_else' WHERE key = 'img0_001'")
+    with f.store.run(BUCKETS, PARAMS, "t") as run:
+        assert not run.unchanged and run.to_render == 0
+        run.render(Inline())
+        run.finish()
+    rows = f.rows()
+    assert rows["p32x24/img0_001"]["image_id"] == "img0_001" and rows["p32x24/img0_000"]["error"] == "marker"
+
+
 def test_changed_fingerprints_render_again(tmp_path):
     f = Fixture(tmp_path)
     f.build()
