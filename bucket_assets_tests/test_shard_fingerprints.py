@@ -146,6 +146,10 @@ def test_no_op_rebuild_opens_no_shard_file_and_no_store_pack(built):
     assert meta["run_samples"] == sum(r[3] for r in rows)
     # Every bucket, empty ones included, stood by its plan digest: none was planned in Python.
     assert meta["run_buckets_unchanged"] == meta["run_buckets"]
+    # The derived tables were kept by their versions (core.db.rebuild_unless_current).
+    for asset in ("filtered_images", "bucket_assignments", "selected_captions"):
+        mats = result.asset_materializations_for_node(asset)
+        assert [m.metadata["rebuilt"].value for m in mats] == [False], asset
     # Nothing in the whole build opened a store pack; bucket_shards opened no file at all there,
     # nor any shard file.
     store = str((work / "processed").resolve())
@@ -190,6 +194,10 @@ def test_a_caption_change_rebuilds_only_the_shard_that_holds_it(built):
     assert meta["run_shards_unchanged"] == len(rows) - 1
     # Only that bucket's plan digest changed: no other bucket was planned.
     assert meta["run_buckets_unchanged"] == meta["run_buckets"] - 1
+    # A new caption source: the selection is built again, the tables before it are kept.
+    rebuilt = {a: [m.metadata["rebuilt"].value for m in result.asset_materializations_for_node(a)]
+               for a in ("filtered_images", "bucket_assignments", "selected_captions")}
+    assert rebuilt == {"filtered_images": [False], "bucket_assignments": [False], "selected_captions": [True]}
     after = _files(export)
     changed = sorted(k for k in after if after[k] != before[k])
     assert changed == [shard[2]]

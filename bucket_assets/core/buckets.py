@@ -288,6 +288,25 @@ def assign_sql(
         )
 
 
+# The kept images bucket_assignments is built from.
+KEPT_IMAGES_SQL = """SELECT r.image_id, r.width, r.height FROM raw_index r
+                     JOIN filtered_images f USING (row_id) WHERE f.decision = 'keep'"""
+
+
+def assign_buckets(con, buckets: list[Bucket], strategy: str, allowed_corners: list[int] | tuple[int, ...],
+                   jitter: int) -> bool:
+    """Table bucket_assignments for the kept images (assign_sql). Kept as it is when raw_index,
+    filtered_images and these settings are those it was built from (core.db.rebuild_unless_current);
+    returns whether it was built."""
+    from bucket_assets.core.db import rebuild_unless_current
+
+    settings = {"buckets": [str(b) for b in buckets], "strategy": strategy, "corners": [int(c) for c in allowed_corners],
+                "jitter": int(jitter), "sql": [KEPT_IMAGES_SQL, ASSIGN_SQL, CHOICE_SQL, SCALE_EPS]}
+    return rebuild_unless_current(
+        con, "bucket_assignments", ["raw_index", "filtered_images"], settings,
+        lambda: assign_sql(con, KEPT_IMAGES_SQL, buckets, "bucket_assignments", strategy, allowed_corners, jitter))
+
+
 def fit_sql(con, images_sql: str, buckets: list[Bucket], target_table: str) -> None:
     """`target_table`(image_id, too_small, detail): too_small when no base resolution's nearest
     bucket can be filled without upsampling. `images_sql` selects (image_id, width, height)."""

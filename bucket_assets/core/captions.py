@@ -522,6 +522,10 @@ LEFT JOIN (SELECT * FROM candidates WHERE rn = 1) w USING (image_id)
 """
 
 
+# Bump when build_caption_table writes other captions from the same inputs.
+CAPTION_TABLE_CODE = 1
+
+
 def build_caption_table(
     con, inputs: list[tuple[str, str, str]], landing: list[LandingSource], max_chars: int
 ) -> tuple[list[dict], dict[str, int]]:
@@ -562,16 +566,34 @@ def build_caption_table(
                 WHERE NOT EXISTS (SELECT 1 FROM raw_index r WHERE r.image_id = c.image_id)""",
             params,
         ).fetchone()[0]
+    # What selected_captions checks before it rebuilds (core.db.rebuild_unless_current): the
+    # captions are a function of raw_index, the sources (a landing source by its files' sha256)
+    # and max_chars.
+    from bucket_assets.core.db import derived_version, set_table_version
+
+    set_table_version(con, "captions", derived_version(
+        con, ["raw_index"], {"code": CAPTION_TABLE_CODE, "sources": rows, "max_chars": max_chars}))
     return rows, unknown
 
 
-def select_captions(con, selectors: list[str], missing: str) -> None:
-    """Table selected_captions: the waterfall over every image with an ok bucket assignment."""
-    con.execute(
-        """CREATE OR REPLACE TEMP VIEW wanted_images AS
-           SELECT DISTINCT image_id FROM bucket_assignments WHERE status = 'ok'"""
-    )
-    con.execute("CREATE OR REPLACE TABLE selected_captions AS " + select_captions_sql(), {"selectors": selectors, "missing": missing})
+def select_captions(con, selectors: list[str], missing: str) -> bool:
+    """Table selected_captions: the waterfall over every image with an ok bucket assignment. Kept
+    as it is when the captions, the assignments and the rules are those it was built from;
+    returns whether it was built."""
+    from bucket_assets.core.db import rebuild_unless_current
+
+    def build() -> None:
+        con.execute(WANTED_IMAGES_SQL)
+        con.execute("CREATE OR REPLACE TABLE selected_captions AS " + select_captions_sql(),
+                    {"selectors": selectors, "missing": missing})
+
+    return rebuild_unless_current(con, "selected_captions", ["captions", "bucket_assignments"],
+                                  {"selectors": list(selectors), "missing": missing,
+                                   "sql": [WANTED_IMAGES_SQL, WATERFALL_SQL]}, build)
+
+
+WANTED_IMAGES_SQL = """CREATE OR REPLACE TEMP VIEW wanted_images AS
+SELECT DISTINCT image_id FROM bucket_assignments WHERE status = 'ok'"""
 
 
 def select_captions_sql() -> str:

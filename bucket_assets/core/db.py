@@ -12,7 +12,7 @@ import fcntl
 import os
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import duckdb
 import pyarrow as pa
@@ -111,3 +111,56 @@ def drop_other_partitions(con: duckdb.DuckDBPyConnection, names: list[str], buck
                     f'DELETE FROM "{name}" WHERE NOT list_contains($ids, bucket_id)', {"ids": list(bucket_ids)}
                 ).fetchone()[0]
     return n
+
+
+# Derived tables. A table that is a pure function of other tables and settings records the
+# version it was built from (table_versions: name -> version); a build whose inputs have the
+# versions they had and whose settings are the same keeps it as it is, so a no-op build rewrites
+# no table the size of the dataset. raw_index's version is the digest of the scan parts it was
+# written from (core/scan_cache.py); every other version digests its inputs' versions, its
+# settings and the SQL that builds it. A table without a version (a work dir from before, a
+# table written by hand) is always rebuilt, and so is everything derived from it.
+VERSIONS_TABLE = "table_versions"
+
+
+def table_version(con: duckdb.DuckDBPyConnection, name: str) -> str | None:
+    if not (table_exists(con, VERSIONS_TABLE) and table_exists(con, name)):
+        return None
+    row = con.execute(f'SELECT max(version), count(*) FROM "{VERSIONS_TABLE}" WHERE name = ?', [name]).fetchone()
+    return row[0] if row[1] == 1 else None
+
+
+def set_table_version(con: duckdb.DuckDBPyConnection, name: str, version: str | None) -> None:
+    """Record (or, with None, forget) the version `name` now holds; call it in the transaction
+    that writes the table."""
+    with transaction(con, VERSIONS_TABLE):
+        con.execute(f'CREATE TABLE IF NOT EXISTS "{VERSIONS_TABLE}" (name VARCHAR, version VARCHAR)')
+        con.execute(f'DELETE FROM "{VERSIONS_TABLE}" WHERE name = ?', [name])
+        if version is not None:
+            con.execute(f'INSERT INTO "{VERSIONS_TABLE}" VALUES (?, ?)', [name, version])
+
+
+def derived_version(con: duckdb.DuckDBPyConnection, inputs: list[str], settings: object) -> str | None:
+    """The version of a table built from the tables `inputs` with `settings` (JSON-able: include
+    the SQL or a code version); None when an input has no version."""
+    import hashlib
+    import json
+
+    versions = [table_version(con, t) for t in inputs]
+    if any(v is None for v in versions):
+        return None
+    text = json.dumps({"inputs": dict(zip(inputs, versions)), "settings": settings}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def rebuild_unless_current(con: duckdb.DuckDBPyConnection, name: str, inputs: list[str], settings: object,
+                           build: Callable[[], None]) -> bool:
+    """Build table `name` with `build()` (in one transaction, with its new version) unless it
+    already holds the version its inputs and settings give. Returns whether it was built."""
+    version = derived_version(con, inputs, settings)
+    if version is not None and table_version(con, name) == version:
+        return False
+    with transaction(con, name):
+        build()
+        set_table_version(con, name, version)
+    return True

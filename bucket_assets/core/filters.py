@@ -10,6 +10,7 @@ from __future__ import annotations
 import duckdb
 
 from bucket_assets.core.buckets import Bucket, fit_sql
+from bucket_assets.core.db import rebuild_unless_current
 from bucket_assets.spec import Filters
 
 # Order matters: the first matching rule is the recorded reason. Content duplicates are found
@@ -82,8 +83,19 @@ def column_pointer(column: str) -> str:
     return "/" + column.replace("~", "~0").replace("/", "~1")
 
 
-def apply_filters(con: duckdb.DuckDBPyConnection, filters: Filters, buckets: list[Bucket]) -> None:
-    """Create table filtered_images from raw_index: one decision per record."""
+def apply_filters(con: duckdb.DuckDBPyConnection, filters: Filters, buckets: list[Bucket]) -> bool:
+    """Create table filtered_images from raw_index: one decision per record. Kept as it is when
+    raw_index, the rules and the buckets are those it was built from (core.db.rebuild_unless_current);
+    returns whether it was built."""
+    from bucket_assets.core.buckets import CHOICE_SQL, SCALE_EPS
+
+    settings = {"filters": filters.model_dump(mode="json"), "buckets": [str(b) for b in buckets],
+                "sql": [FILTER_SQL, CHOICE_SQL, SCALE_EPS, _column_sql(len(filters.columns))]}
+    return rebuild_unless_current(con, "filtered_images", ["raw_index"], settings,
+                                  lambda: _build(con, filters, buckets))
+
+
+def _build(con: duckdb.DuckDBPyConnection, filters: Filters, buckets: list[Bucket]) -> None:
     fit_sql(
         con,
         "SELECT row_id AS image_id, width, height FROM raw_index WHERE issue IS NULL AND width > 0 AND height > 0",

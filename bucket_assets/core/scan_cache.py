@@ -50,7 +50,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from bucket_assets.core.atomic import atomic_writer, remove_stale_temps
-from bucket_assets.core.db import replace_table, table_exists, transaction
+from bucket_assets.core.db import replace_table, set_table_version, table_exists, transaction
 from bucket_assets.core.progress import Progress
 from bucket_assets.core.raw_index import (
     RAW_INDEX_SCHEMA, SCAN_VERSION, DuplicateIdError, ScanTask, downloads_digest, scan_skips_table, summary_path,
@@ -359,6 +359,7 @@ class ScanCache:
             state = _digest(RAW_INDEX_STATE_VERSION, [f.name for f in RAW_INDEX_SCHEMA], len(self.spec.sources),
                             files, bases, url_files, [p.digest for p in self.parts if p.rows])
             if _raw_index_state(con) == state:
+                set_table_version(con, "raw_index", state)  # what the tables derived from it check
                 return base
         con.register("_raw_index_empty", RAW_INDEX_SCHEMA.empty_table())
         con.execute("CREATE OR REPLACE TABLE raw_index AS SELECT * FROM _raw_index_empty")
@@ -374,6 +375,7 @@ class ScanCache:
                 self._check_duplicate_ids(con)
         if state is not None:
             con.execute("INSERT INTO raw_index_state VALUES (?)", [state])
+        set_table_version(con, "raw_index", state)
         return base
 
     @staticmethod

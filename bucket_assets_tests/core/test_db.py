@@ -17,3 +17,46 @@ def test_replace_partitions_adds_columns_a_newer_version_writes():
     # Columns in another order insert by name.
     replace_partitions(con, "t", new.select(["pack_offset", "key", "bucket_id"]), ["b"])
     assert con.execute("SELECT count(*), sum(pack_offset) FROM t WHERE bucket_id = 'b'").fetchone() == (2, 7)
+
+
+def test_a_derived_table_is_kept_while_its_inputs_and_settings_are_the_same():
+    from bucket_assets.core.db import rebuild_unless_current, set_table_version, table_version
+
+    con = duckdb.connect()
+    con.execute("CREATE TABLE src AS SELECT 1 AS x")
+    builds = []
+
+    def build():
+        builds.append(1)
+        con.execute("CREATE OR REPLACE TABLE out AS SELECT x * 2 AS y FROM src")
+
+    def run(settings=None):
+        return rebuild_unless_current(con, "out", ["src"], settings or {"k": 1}, build)
+
+    # An input without a version: built every time, and no version recorded.
+    assert run() and run() and table_version(con, "out") is None
+    set_table_version(con, "src", "v1")
+    assert run() and table_version(con, "out") is not None
+    assert not run() and len(builds) == 3  # same input version, same settings: kept
+    assert run({"k": 2}) and not run({"k": 2})  # other settings
+    set_table_version(con, "src", "v2")
+    assert run({"k": 2}) and len(builds) == 5  # a new input version
+    con.execute("DROP TABLE out")
+    assert table_version(con, "out") is None and run({"k": 2})  # a table that is gone is built
+    set_table_version(con, "src", None)
+    assert run({"k": 2}) and table_version(con, "out") is None  # forgotten: derived ones forget too
+    # A failed build leaves the table and its version as they were.
+    set_table_version(con, "src", "v3")
+    assert run()
+    before = table_version(con, "out")
+    set_table_version(con, "src", "v4")
+
+    def broken():
+        con.execute("CREATE OR REPLACE TABLE out AS SELECT 'partial' AS y")
+        raise RuntimeError("killed")
+
+    try:
+        rebuild_unless_current(con, "out", ["src"], {"k": 1}, broken)
+    except RuntimeError:
+        pass
+    assert table_version(con, "out") == before and con.execute("SELECT y FROM out").fetchall() == [(2,)]

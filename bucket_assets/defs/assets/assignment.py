@@ -3,8 +3,7 @@
 
 import dagster as dg
 
-from bucket_assets.core.buckets import assign_sql, bucket_table
-from bucket_assets.core.db import transaction
+from bucket_assets.core.buckets import assign_buckets, bucket_table
 from bucket_assets.defs.assets.ingest import filtered_images
 from bucket_assets.defs.metadata import md_counts
 from bucket_assets.defs.resources import DatasetResource
@@ -16,17 +15,8 @@ def bucket_assignments(dataset: DatasetResource) -> dg.MaterializeResult:
     spec = dataset.load()
     crop = spec.image.crop
     with dataset.db() as con:
-        with transaction(con, "bucket_assignments"):
-            assign_sql(
-                con,
-                """SELECT r.image_id, r.width, r.height FROM raw_index r
-                   JOIN filtered_images f USING (row_id) WHERE f.decision = 'keep'""",
-                bucket_table(spec.buckets.base_resolutions, spec.buckets.divisible),
-                "bucket_assignments",
-                crop.strategy,
-                list(crop.allowed_corners),
-                crop.jitter,
-            )
+        built = assign_buckets(con, bucket_table(spec.buckets.base_resolutions, spec.buckets.divisible),
+                               crop.strategy, list(crop.allowed_corners), crop.jitter)
         rows = con.execute("SELECT count(*) FROM bucket_assignments").fetchone()[0]
         counts = con.execute(
             """SELECT bucket_id, count(*) FROM bucket_assignments WHERE status = 'ok'
@@ -34,5 +24,6 @@ def bucket_assignments(dataset: DatasetResource) -> dg.MaterializeResult:
         ).fetchall()
         too_small = con.execute("SELECT count(*) FROM bucket_assignments WHERE status = 'too_small'").fetchone()[0]
     return dg.MaterializeResult(
-        metadata={"dagster/row_count": rows, "too_small": too_small, "per_bucket": md_counts(counts)}
+        metadata={"dagster/row_count": rows, "too_small": too_small, "per_bucket": md_counts(counts),
+                  "rebuilt": built}
     )

@@ -81,8 +81,7 @@ def selected_captions(context: dg.AssetExecutionContext, dataset: DatasetResourc
     caption; newest source within a selector; `missing` decides empty caption or drop."""
     spec = dataset.load()
     with dataset.db() as con:
-        with transaction(con, "selected_captions"):
-            select_captions(con, list(spec.captions.selectors), spec.captions.missing)
+        built = select_captions(con, list(spec.captions.selectors), spec.captions.missing)
         by_selector = con.execute(
             """SELECT coalesce(caption_variant, '(' || status || ')'), count(*) FROM selected_captions
                GROUP BY ALL ORDER BY count(*) DESC"""
@@ -92,5 +91,6 @@ def selected_captions(context: dg.AssetExecutionContext, dataset: DatasetResourc
         context.log.warning(w)
     return dg.MaterializeResult(
         metadata={"dagster/row_count": sum(n for _, n in by_selector), "by_variant": md_counts(by_selector),
-                  "warnings": dg.MetadataValue.md("\n".join(f"- {w}" for w in warnings) or "none")}
+                  "warnings": dg.MetadataValue.md("\n".join(f"- {w}" for w in warnings) or "none"),
+                  "rebuilt": built}
     )

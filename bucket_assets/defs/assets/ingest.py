@@ -4,7 +4,6 @@
 import dagster as dg
 
 from bucket_assets.core.buckets import bucket_table
-from bucket_assets.core.db import transaction
 from bucket_assets.core.filters import apply_filters
 from bucket_assets.core.parallel import resolve_workers
 from bucket_assets.core.publish import output_dir_problem
@@ -59,8 +58,7 @@ def filtered_images(dataset: DatasetResource) -> dg.MaterializeResult:
     base resolution's nearest bucket can be filled without upsampling)."""
     spec = dataset.load()
     with dataset.db() as con:
-        with transaction(con, "filtered_images"):
-            apply_filters(con, spec.filters, bucket_table(spec.buckets.base_resolutions, spec.buckets.divisible))
+        built = apply_filters(con, spec.filters, bucket_table(spec.buckets.base_resolutions, spec.buckets.divisible))
         counts = con.execute(
             "SELECT decision, count(*) FROM filtered_images GROUP BY decision ORDER BY count(*) DESC, decision"
         ).fetchall()
@@ -69,5 +67,6 @@ def filtered_images(dataset: DatasetResource) -> dg.MaterializeResult:
             "dagster/row_count": sum(n for _, n in counts),
             "kept": dict(counts).get("keep", 0),
             "decisions": md_counts(counts),
+            "rebuilt": built,
         }
     )
