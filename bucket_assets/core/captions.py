@@ -536,29 +536,38 @@ def build_caption_table(
     rows = caption_source_rows(inputs, landing)
     ids = {(r["kind"], r["name"]): r["source_id"] for r in rows}
     replace_table(con, "caption_sources", pa.Table.from_pylist(rows, schema=CAPTION_SOURCES_SCHEMA))
-    # Each input source's own captions; the first record of a (source, id) pair speaks for it.
-    # A grouped arg_min, not a window: DuckDB's hash aggregate spills under its memory cap, while
-    # a window partitioned over every id of a 30M-row index ran out of memory at 3 GB.
+    # Each input source's own captions; the first record (lowest row_id) of a (source, id) pair
+    # speaks for it. Deduplicated by ids only: almost every id is unique, so a count-only
+    # aggregate finds the few duplicated keys (with their first row_id), and every row is
+    # inserted unless its key is duplicated and it is not that first row. No aggregate or window
+    # carries the caption strings: at 30M rows those ran out of DuckDB's 3 GB cap, while
+    # aggregates and joins over fixed-size values spill.
     con.execute(
         """CREATE OR REPLACE TABLE captions AS
-           SELECT image_id, source_id, variant, first.c AS text,
-                  CASE WHEN first.c IS NULL OR first.c = '' THEN 'empty' ELSE 'ok' END AS status,
-                  first.n AS flags
-           FROM (SELECT r.image_id, s.source_id, s.variant,
-                        arg_min({'c': r.caption, 'n': r.notes}, r.row_id) AS first
-                 FROM raw_index r JOIN caption_sources s ON s.kind = 'input' AND s.name = r.source
-                 GROUP BY r.image_id, s.source_id, s.variant)"""
+           SELECT r.image_id, s.source_id, s.variant, r.caption AS text,
+                  CASE WHEN r.caption IS NULL OR r.caption = '' THEN 'empty' ELSE 'ok' END AS status,
+                  r.notes AS flags
+           FROM raw_index r
+           JOIN caption_sources s ON s.kind = 'input' AND s.name = r.source
+           LEFT JOIN (SELECT source, image_id, min(row_id) AS first_row FROM raw_index
+                      GROUP BY source, image_id HAVING count(*) > 1) d
+                  ON d.source = r.source AND d.image_id IS NOT DISTINCT FROM r.image_id
+           WHERE d.first_row IS NULL OR d.first_row = r.row_id"""
     )
     unknown = {}
     for src in landing:
         sql = landing_captions_sql(con, src)
         params = {"path": scan_path(src), "max_chars": max_chars}
-        # One caption per image per source: the first row for an id wins.
+        # One caption per image per source: the first row (lowest row_number) for an id wins,
+        # found by ids only as above ({sql} twice: the first scan reads only image_id and the
+        # row number; its image_id is never NULL).
         con.execute(
             f"""INSERT INTO captions
-                SELECT image_id, $sid, $variant, first.t, first.s, first.f FROM (
-                    SELECT image_id, arg_min({{'t': text, 's': status, 'f': flags}}, row_number) AS first
-                    FROM ({sql}) GROUP BY image_id)""",
+                SELECT c.image_id, $sid, $variant, c.text, c.status, c.flags
+                FROM ({sql}) c
+                LEFT JOIN (SELECT image_id, min(row_number) AS first_row FROM ({sql})
+                           GROUP BY image_id HAVING count(*) > 1) d ON d.image_id = c.image_id
+                WHERE d.first_row IS NULL OR d.first_row = c.row_number""",
             {**params, "sid": ids[("landing", src.name)], "variant": src.variant},
         )
         unknown[src.name] = con.execute(

@@ -408,3 +408,52 @@ def test_discover_landing_pairs_only(tmp_path):
     assert [n for n, _, _ in found] == ["a", "b"]
     assert found[0][1] == tmp_path / "a.parquet" and found[0][2] == tmp_path / "a.json"
     assert discover_landing(tmp_path / "absent") == []
+
+
+# build_caption_table ------------------------------------------------------------------------------
+
+
+def test_caption_table_first_row_of_a_duplicated_id_wins(tmp_path):
+    """One caption per (source, image id): the lowest row_id of an input source and the first
+    file row of a landing source win, with their own status and flags, whatever the table order;
+    the same id in another source keeps that source's caption; unknown ids count every row."""
+    from bucket_assets.core.captions import build_caption_table
+
+    con = duckdb.connect(":memory:")
+    con.execute("CREATE TABLE raw_index (row_id BIGINT, image_id VARCHAR, source VARCHAR, caption VARCHAR, notes VARCHAR)")
+    con.executemany(
+        "INSERT INTO raw_index VALUES (?, ?, ?, ?, ?)",
+        [
+            (2, "a", "web", "web a second", "late"),  # stored before the first row of its id
+            (0, "a", "web", "web a first", None),
+            (1, "b", "web", "web b", "n1"),
+            (3, "a", "hub", "hub a", None),  # the same id in another source
+            (6, "d", "hub", "hub d later", None),
+            (5, "d", "hub", None, "first, without caption"),
+            (4, "c", "hub", "", None),
+        ],
+    )
+    table = pa.table(
+        {
+            "image_id": ["x", "a", "x", "a", "y", "zz", "y"],
+            "caption": ["x first", "a\x00one", "x second", "a two", "y1", None, "y2"],
+            "status": ["error", "ok", "ok", "ok", None, "ok", "ok"],
+        }
+    )
+    parquet, meta = _write_landing(tmp_path, "gem", _meta(), table)
+    src = read_landing_meta("gem", parquet, meta)
+    rows, unknown = build_caption_table(con, [("web", "webdataset", "alt_text"), ("hub", "parquet", "alt_text")], [src], 100)
+    assert [(r["source_id"], r["name"]) for r in rows] == [(1, "hub"), (2, "web"), (3, "gem")]
+    got = con.execute("SELECT source_id, image_id, variant, text, status, flags FROM captions ORDER BY source_id, image_id").fetchall()
+    assert got == [
+        (1, "a", "alt_text", "hub a", "ok", None),
+        (1, "c", "alt_text", "", "empty", None),
+        (1, "d", "alt_text", None, "empty", "first, without caption"),
+        (2, "a", "alt_text", "web a first", "ok", None),
+        (2, "b", "alt_text", "web b", "ok", "n1"),
+        (3, "a", "caption_gemini", "aone", "ok", "caption_nul_removed"),
+        (3, "x", "caption_gemini", "x first", "error", None),
+        (3, "y", "caption_gemini", "y1", "no_status", None),
+        (3, "zz", "caption_gemini", None, "ok", None),
+    ]
+    assert unknown == {"gem": 5}  # x, x, y, zz, y: every row whose id is in no source
