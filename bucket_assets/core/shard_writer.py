@@ -287,7 +287,8 @@ class ShardWriter:
             # Before both tables exist (a first build) every bucket is recorded, empty ones too.
             ready = table_exists(con, "shard_files") and table_exists(con, "shard_samples")
             kept = [b for b in keys if ready and bucket_unchanged(self.out_dir, b in raw, digests[b], per_bucket[b])]
-            todo = [b for b in keys if b not in set(kept)]
+            kept_set = set(kept)
+            todo = [b for b in keys if b not in kept_set]
             if has_plan and todo:
                 # Spilled to a file so the DB lock is not held while shards are written.
                 write_sample_plan(con, todo, plan)
@@ -297,7 +298,7 @@ class ShardWriter:
         if on_start is not None:
             on_start(len(filled))
         try:
-            mine = {k: r for k, r in recorded.items() if k[0] in set(todo)}
+            mine = {k: r for k, r in recorded.items() if k[0] not in kept_set}
             run = write_buckets(self.out_dir, todo, iter_sample_plan(plan) if has_plan and todo else iter(()), mine,
                                 self.max_samples, self.max_bytes, compute, on_bucket=on_bucket, digests=digests)
             wrote = False
