@@ -320,18 +320,33 @@ _UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KiB": 2**10, "Mi
 _MEMORY_MIN, _MEMORY_MAX = 64 * 10**6, 16 * 10**12
 
 
+def size_bytes(v: str) -> float:
+    """A validated size string (`3GB`, `256MiB`) in bytes."""
+    m = _SIZE_RE.match(v)
+    return float(m.group(1)) * _UNITS[m.group(2)]
+
+
 class Metadata(_Model):
     # DuckDB working-memory cap for the metadata tables; bigger operations spill to work_dir.
     # Units as DuckDB reads them: KB = 1000 bytes, KiB = 1024.
     memory_limit: str = "3GB"
+    # The cap for statements that only pass rows through in order (the scan fragments into
+    # raw_index, the shard plan and its digests, the render plan): they spill to disk instead of
+    # caching what they pass, so the coordinator's memory does not follow the dataset. Capped
+    # by memory_limit when that is lower.
+    stream_memory_limit: str = "256MB"
 
-    @field_validator("memory_limit")
+    @field_validator("memory_limit", "stream_memory_limit")
     @classmethod
     def _memory(cls, v: str) -> str:
         m = _SIZE_RE.match(v)
         if not m or not _MEMORY_MIN <= float(m.group(1)) * _UNITS[m.group(2)] <= _MEMORY_MAX:
             raise ValueError("must be a size like 3GB (KB, MB, GB, TB, KiB, MiB, GiB, TiB) between 64MB and 16TB")
         return v
+
+    def stream_limit(self) -> str:
+        """stream_memory_limit, or memory_limit where that is lower."""
+        return min(self.stream_memory_limit, self.memory_limit, key=size_bytes)
 
 
 class Shards(_Model):

@@ -305,6 +305,34 @@ def test_noop_rebuild_keeps_raw_index_and_a_change_rewrites_it(tmp_path):
     assert "marker" not in [r["caption"] for r in rows]
 
 
+def test_parts_added_after_the_last_ones_are_appended_and_others_rewrite_the_index(tmp_path):
+    raw = _sources(tmp_path)
+    spec = _spec(tmp_path, raw)
+    spec = spec.model_copy(update={"sources": spec.sources[:1]})  # the tars only
+    _out, rows = _build(spec)
+    with connect(spec.db_path) as con:
+        con.execute("UPDATE raw_index SET caption = 'marker' WHERE row_id = 0")
+    # A tar that sorts after the others: its rows are appended, the table's rows stay (the
+    # marker survives) and otherwise equal a clean scan.
+    _tar(raw / "tars" / "00005.tar", ["t5-0", "t5-1"], seed=50)
+    out, rows = _build(spec)
+    fresh = _fresh(tmp_path, spec, "w1")
+    assert _counts(out) == (1, 3, 0) and rows[0]["caption"] == "marker" and rows[1:] == fresh[1:]
+    assert [r["row_id"] for r in rows] == list(range(14))
+    # One that sorts before the last: every row after it moves, so the table is written again.
+    _tar(raw / "tars" / "00003.tar", ["t3-0"], seed=30)
+    out, rows = _build(spec)
+    assert _counts(out) == (1, 4, 0) and rows == _fresh(tmp_path, spec, "w2")
+    assert "marker" not in [r["caption"] for r in rows]
+    # A table written by a version that recorded no part count is rewritten, not appended to.
+    with connect(spec.db_path) as con:
+        con.execute("UPDATE raw_index SET caption = 'marker' WHERE row_id = 0")
+        con.execute("ALTER TABLE raw_index_state DROP COLUMN parts")
+    _tar(raw / "tars" / "00007.tar", ["t7-0"], seed=70)
+    out, rows = _build(spec)
+    assert rows == _fresh(tmp_path, spec, "w3") and rows[0]["caption"] != "marker"
+
+
 def test_a_file_that_changes_while_it_is_scanned_is_not_cached(tmp_path, monkeypatch):
     raw = _sources(tmp_path)
     spec = _spec(tmp_path, raw)

@@ -50,7 +50,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from bucket_assets.core.atomic import atomic_writer, remove_stale_temps
-from bucket_assets.core.db import replace_table, set_table_version, table_exists, transaction
+from bucket_assets.core.db import replace_table, set_table_version, streaming, table_exists, transaction
 from bucket_assets.core.progress import Progress
 from bucket_assets.core.raw_index import (
     RAW_INDEX_SCHEMA, SCAN_VERSION, DuplicateIdError, ScanTask, downloads_digest, scan_skips_table, summary_path,
@@ -84,12 +84,14 @@ _DUP_NULLED = ("location", "member", "data_offset", "byte_size", "sha256", "widt
 RAW_INDEX_STATE_VERSION = 1
 
 
-def _raw_index_state(con: duckdb.DuckDBPyConnection) -> str | None:
-    """The digest of the parts raw_index was last written from (None: unknown, rewrite it)."""
+def _raw_index_state(con: duckdb.DuckDBPyConnection) -> tuple[str, int | None] | None:
+    """The digest of the parts raw_index was last written from and their number (None when the
+    table is from before it was recorded); None: unknown, rewrite it."""
     if not (table_exists(con, "raw_index") and table_exists(con, "raw_index_state")):
         return None
-    row = con.execute("SELECT max(digest), count(*) FROM raw_index_state").fetchone()
-    return row[0] if row[1] == 1 else None
+    has_parts = "parts" in {r[0] for r in con.execute("DESCRIBE raw_index_state").fetchall()}
+    row = con.execute(f"SELECT max(digest), {'max(parts)' if has_parts else 'NULL'}, count(*) FROM raw_index_state").fetchone()
+    return (row[0], row[1]) if row[2] == 1 else None
 
 
 @dataclass
@@ -157,7 +159,7 @@ class ScanCache:
             self._plan(con)
         self._scan()
         stats = self._stats()
-        with db() as con:
+        with db() as con, streaming(con):
             with transaction(con, "raw_index"):
                 rows = self._write(con, stats)
         self._prune()
@@ -354,27 +356,42 @@ class ScanCache:
         # its summary records: when names, row bases and digests are those the last build wrote
         # the table from, it is kept as it is (a no-op build neither reads the fragments nor
         # rewrites it).
-        state = None
+        state = start = None
+        digests = [p.digest for p in self.parts if p.rows]
+
+        def digest_of(n: int) -> str:  # the state of raw_index written from the first n of these parts
+            return _digest(RAW_INDEX_STATE_VERSION, [f.name for f in RAW_INDEX_SCHEMA], len(self.spec.sources),
+                           files[:n], bases[:n], url_files, digests[:n])
+
         if all(p.committed for p in self.parts):
-            state = _digest(RAW_INDEX_STATE_VERSION, [f.name for f in RAW_INDEX_SCHEMA], len(self.spec.sources),
-                            files, bases, url_files, [p.digest for p in self.parts if p.rows])
-            if _raw_index_state(con) == state:
+            state = digest_of(len(files))
+            last = _raw_index_state(con)
+            if last is not None and last[0] == state:
                 set_table_version(con, "raw_index", state)  # what the tables derived from it check
                 return base
-        con.register("_raw_index_empty", RAW_INDEX_SCHEMA.empty_table())
-        con.execute("CREATE OR REPLACE TABLE raw_index AS SELECT * FROM _raw_index_empty")
-        con.unregister("_raw_index_empty")
-        con.execute("CREATE OR REPLACE TABLE raw_index_state (digest VARCHAR)")
-        if files:
+            # Parts added after the last ones (a new tar sorts last): the table holds the first
+            # `n` parts' rows as they are, so only the new parts' rows are appended. URL sources
+            # are rewritten (their duplicate ids are decided across parts).
+            n = last[1] if last is not None else None
+            if (n is not None and 0 < n < len(files) and not url_files and last[0] == digest_of(n)
+                    and con.execute("SELECT count(*) FROM raw_index").fetchone()[0] == bases[n]):
+                start = n
+        if start is None:
+            con.register("_raw_index_empty", RAW_INDEX_SCHEMA.empty_table())
+            con.execute("CREATE OR REPLACE TABLE raw_index AS SELECT * FROM _raw_index_empty")
+            con.unregister("_raw_index_empty")
+            start = 0
+        con.execute("CREATE OR REPLACE TABLE raw_index_state (digest VARCHAR, parts BIGINT)")
+        if files[start:]:
             con.register("_scan_parts", pa.table({"filename": files, "base": pa.array(bases, pa.int64())}))
             try:
-                self._insert(con, files, bases, url_files)
+                self._insert(con, files[start:], bases[start:], url_files)
             finally:
                 con.unregister("_scan_parts")
             if len(self.spec.sources) > 1:
                 self._check_duplicate_ids(con)
         if state is not None:
-            con.execute("INSERT INTO raw_index_state VALUES (?)", [state])
+            con.execute("INSERT INTO raw_index_state VALUES (?, ?)", [state, len(files)])
         set_table_version(con, "raw_index", state)
         return base
 

@@ -34,7 +34,7 @@ from typing import Callable, ContextManager, Iterable, Iterator
 import pyarrow as pa
 
 from bucket_assets.core.atomic import remove_stale_temps
-from bucket_assets.core.db import replace_partitions, table_exists, transaction
+from bucket_assets.core.db import replace_partitions, streaming, table_exists, transaction
 from bucket_assets.core.publish import (
     DIFFERENT,
     UNCHANGED,
@@ -276,7 +276,7 @@ class ShardWriter:
         buckets that will be planned, `on_bucket` is called as each of them is done."""
         keys = list(bucket_ids)
         plan = self.tmp_dir / f"sample-plan-{token}.parquet"
-        with self.connect() as con:
+        with self.connect() as con, streaming(con):
             has_plan = table_exists(con, "processed_images")
             raw = plan_digests(con, keys) if has_plan else {}
             digests = {b: bucket_digest(raw.get(b), self.max_samples, self.max_bytes) for b in keys}
@@ -303,7 +303,7 @@ class ShardWriter:
                                 self.max_samples, self.max_bytes, compute, on_bucket=on_bucket, digests=digests)
             wrote = False
             if todo:
-                with self.connect() as con:
+                with self.connect() as con, streaming(con):
                     if not shards_as_recorded(con, todo, run, mine):
                         record_shards(con, todo, run.rows, plan if has_plan else None)
                         wrote = True

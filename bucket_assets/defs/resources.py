@@ -29,7 +29,7 @@ class DatasetResource(dg.ConfigurableResource):
     @contextmanager
     def db(self) -> Iterator[duckdb.DuckDBPyConnection]:
         spec = self.load()
-        with connect(spec.db_path, spec.metadata.memory_limit) as con:
+        with connect(spec.db_path, spec.metadata.memory_limit, spec.metadata.stream_limit()) as con:
             yield con
 
 

@@ -1,5 +1,6 @@
 """Metadata DB helpers."""
 
+import pytest
 import duckdb
 import pyarrow as pa
 
@@ -60,3 +61,38 @@ def test_a_derived_table_is_kept_while_its_inputs_and_settings_are_the_same():
     except RuntimeError:
         pass
     assert table_version(con, "out") == before and con.execute("SELECT y FROM out").fetchall() == [(2,)]
+
+
+
+def test_streaming_statements_run_under_the_stream_cap_and_restore_the_full_cap(tmp_path):
+    from bucket_assets.core.db import connect, streaming
+
+    def cap(con) -> str:
+        return con.execute("SELECT current_setting('memory_limit')").fetchone()[0]
+
+    with connect(tmp_path / "m.duckdb", "2GB", "128MB") as con:
+        full = cap(con)
+        with streaming(con):
+            low = cap(con)
+            # A sort of more than the cap spills instead of failing.
+            n = con.execute("SELECT count(*) FROM (SELECT i, repeat('x', 200) || i AS s FROM range(2000000) t(i) "
+                            "ORDER BY s DESC)").fetchone()[0]
+        assert n == 2_000_000
+        assert cap(con) == full
+        with pytest.raises(duckdb.Error):
+            with streaming(con):
+                con.execute("SELECT * FROM no_such_table")
+        assert cap(con) == full  # restored after a failed statement too
+    assert (low, full) == ("122.0 MiB", "1.8 GiB")
+    with connect(tmp_path / "n.duckdb", "2GB") as con:  # no stream cap: the full cap throughout
+        full = cap(con)
+        with streaming(con):
+            assert cap(con) == full
+
+
+def test_the_stream_cap_is_never_above_memory_limit():
+    from bucket_assets.spec import Metadata
+
+    assert Metadata().stream_limit() == "256MB"
+    assert Metadata(memory_limit="100MB").stream_limit() == "100MB"
+    assert Metadata(memory_limit="1GiB", stream_memory_limit="2GB").stream_limit() == "1GiB"
