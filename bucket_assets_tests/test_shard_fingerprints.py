@@ -213,6 +213,67 @@ def test_a_caption_change_rebuilds_only_the_shard_that_holds_it(built):
     verify_export(export)
 
 
+def _range_digests(spec_path) -> list[tuple]:
+    con = duckdb.connect(str(load_spec(spec_path).db_path), read_only=True)
+    try:
+        return con.execute("SELECT bucket_id, shard_index, fingerprint, range_digest, first_key, last_key, samples "
+                           "FROM shard_files ORDER BY bucket_id, shard_index").fetchall()
+    finally:
+        con.close()
+
+
+def test_a_change_in_a_later_shard_plans_its_bucket_from_the_shard_before_it(built, make_spec):
+    spec_path, export, work, landing = built
+    rows = _shard_files(spec_path)
+    by_bucket: dict[str, list[tuple]] = {}
+    for r in rows:
+        by_bucket.setdefault(r[0], []).append(r)
+    bucket = max(sorted(by_bucket), key=lambda b: len(by_bucket[b]))
+    n = len(by_bucket[bucket])
+    assert n >= 3
+    db = str(load_spec(spec_path).db_path)
+    con = duckdb.connect(db)
+    try:
+        image_id = con.execute("SELECT image_id FROM shard_samples WHERE bucket_id = ? AND shard_index = ? ORDER BY key",
+                               [bucket, n - 1]).fetchone()[0]
+        # Markers in the rows of a shard that stands and of the one planned again before the
+        # changed one: the first must survive (not rewritten), the second is derived again.
+        for i in (0, n - 2):
+            con.execute("UPDATE shard_samples SET text = 'marker' WHERE bucket_id = ? AND shard_index = ?", [bucket, i])
+    finally:
+        con.close()
+    before = _files(export)
+    _land_caption(landing, image_id, "a completely different caption, longer than the one it replaces")
+    result = materialize_all(spec_path)
+    assert result.success
+    meta = _shard_meta(result)
+    assert meta["run_buckets_resumed"] == 1 and meta["run_buckets_unchanged"] == meta["run_buckets"] - 1
+    assert meta["run_shards_built"] == 1 and meta["run_files_rewritten"] == 1
+    assert meta["run_shards_unchanged"] == len(rows) - 1
+    after = _files(export)
+    assert sorted(k for k in after if after[k] != before[k]) == [by_bucket[bucket][-1][2]]
+    con = duckdb.connect(db, read_only=True)
+    try:
+        marked = con.execute("SELECT DISTINCT shard_index FROM shard_samples WHERE bucket_id = ? AND text = 'marker'",
+                             [bucket]).fetchall()
+        assert marked == [(0,)]
+        got = con.execute("SELECT shard_index, count(*) FROM shard_samples WHERE bucket_id = ? GROUP BY ALL ORDER BY ALL",
+                          [bucket]).fetchall()
+    finally:
+        con.close()
+    assert got == [(r[1], r[3]) for r in by_bucket[bucket]]
+    verify_export(export)
+    # The same sources built from nothing: the same shard bytes and the same recorded rows.
+    fresh = make_spec("fp-fresh", **{"captions.landing_dir": str(landing), "shards.max_samples": 3})
+    assert materialize_all(fresh).success
+    fresh_export = Path(load_spec(fresh).output_dir)
+    assert {k: v[2] for k, v in _files(fresh_export).items()} == {k: v[2] for k, v in after.items()}
+    assert _range_digests(fresh) == _range_digests(spec_path)
+    # Another build is a no-op by the bucket digests recorded with the standing shards.
+    again = _shard_meta(materialize_all(spec_path))
+    assert again["run_buckets_unchanged"] == again["run_buckets"] and again["run_shards_built"] == 0
+
+
 def _tamper(path: Path, restore_mtime: bool) -> None:
     """Change bytes of a .txt member in place: same size, same inode, other content."""
     st = path.stat()

@@ -43,18 +43,27 @@ from bucket_assets.core.publish import (
     staged_path,
     staging_dir,
 )
-from bucket_assets.core.shards import PlannedShard, iter_sample_plan, plan_bucket_shards, plan_digests, write_sample_plan
+from bucket_assets.core.shards import (
+    PlannedShard,
+    iter_sample_plan,
+    plan_bucket_shards,
+    plan_digests,
+    range_digests,
+    write_sample_plan,
+)
 
 # One row per shard: where it is and what it holds (the manifest lists these), its content
 # fingerprint and the key range it covers, the identity (size, mtime_ns, inode) of the file the
 # build left for it, so the next build skips it while both still hold (core.publish.shard_state),
-# and its bucket's plan digest, so the next build skips the whole bucket while that holds too.
+# its bucket's plan digest, so the next build skips the whole bucket while that holds too, and the
+# plan digest of its key range (shards.range_digests), so a changed bucket is planned again only
+# from its first changed shard.
 SHARD_FILES_SCHEMA = pa.schema(
     [("bucket_id", pa.string()), ("shard_index", pa.int32()), ("path", pa.string()),
      ("samples", pa.int64()), ("bytes", pa.int64()), ("sha256", pa.string()),
      ("fingerprint", pa.string()), ("first_key", pa.string()), ("last_key", pa.string()),
      ("file_size", pa.int64()), ("mtime_ns", pa.int64()), ("inode", pa.uint64()),
-     ("plan_digest", pa.string())]
+     ("plan_digest", pa.string()), ("range_digest", pa.string())]
 )
 # What each written sample holds of its caption, so a sensor can tell which buckets a new
 # caption selection changes without opening a shard. Derived in SQL from the run's sample plan
@@ -92,7 +101,7 @@ def _shard_row(bucket_id: str, shard: PlannedShard, samples: int, nbytes: int, s
     return {"bucket_id": bucket_id, "shard_index": shard.index, "path": shard.rel, "samples": samples,
             "bytes": nbytes, "sha256": sha256, "fingerprint": shard.fingerprint, "first_key": shard.first_key,
             "last_key": shard.last_key, "file_size": size, "mtime_ns": mtime_ns, "inode": inode,
-            "plan_digest": digest}
+            "plan_digest": digest, "range_digest": None}
 
 
 def clear_staging_temps(out_dir: Path, bucket_id: str) -> None:
@@ -103,7 +112,8 @@ def clear_staging_temps(out_dir: Path, bucket_id: str) -> None:
 def write_buckets(out_dir: Path, bucket_ids: list[str], plan_rows: Iterable[dict], recorded: dict[tuple[str, int], dict],
                   max_samples: int, max_bytes: int, compute=None,
                   on_bucket: Callable[[str], None] | None = None,
-                  digests: dict[str, str | None] | None = None) -> ShardRun:
+                  digests: dict[str, str | None] | None = None,
+                  first_index: dict[str, int] | None = None) -> ShardRun:
     """Stage the shards of these buckets from their sample plan rows (streamed in bucket, key
     order). Each bucket's rows are split into shards as they go by (core.shards.plan_bucket_shards);
     a shard whose content fingerprint and published file are those `recorded` by the last build
@@ -112,13 +122,13 @@ def write_buckets(out_dir: Path, bucket_ids: list[str], plan_rows: Iterable[dict
     store and stages it unless the published file already holds the same bytes. Tasks are made
     lazily, so memory holds the shards in flight, not the buckets. `on_bucket(bucket_id)` is
     called once a bucket's shards are all planned; `digests` (bucket -> plan digest) go into the
-    rows."""
+    rows; a bucket in `first_index` has rows only from that shard on (the shards before it stand)."""
     from bucket_assets.distributed import LocalCompute
 
     run = ShardRun()
     pending: collections.deque = collections.deque()
     wanted, seen = set(bucket_ids), set()
-    digests = digests or {}
+    digests, first_index = digests or {}, first_index or {}
 
     def plans() -> Iterator[dict]:
         for bucket_id, rows in itertools.groupby(plan_rows, key=operator.itemgetter("bucket_id")):
@@ -127,7 +137,7 @@ def write_buckets(out_dir: Path, bucket_ids: list[str], plan_rows: Iterable[dict
             seen.add(bucket_id)
             clear_staging_temps(out_dir, bucket_id)
             digest = digests.get(bucket_id)
-            for shard in plan_bucket_shards(rows, bucket_id, max_samples, max_bytes):
+            for shard in plan_bucket_shards(rows, bucket_id, max_samples, max_bytes, first_index.get(bucket_id, 0)):
                 prev = recorded.get((bucket_id, shard.index))
                 ident = file_identity(out_dir / shard.rel)
                 state = shard_state(shard.fingerprint, shard.rel, shard.file_bytes, prev, ident)
@@ -168,26 +178,32 @@ def recorded_shards(con, bucket_ids: list[str]) -> dict[tuple[str, int], dict]:
     return {(r["bucket_id"], r["shard_index"]): {c: r.get(c) for c in names} for r in rows.to_pylist()}
 
 
-def shards_as_recorded(con, bucket_ids: list[str], run: ShardRun, recorded: dict[tuple[str, int], dict]) -> bool:
+def shards_as_recorded(con, bucket_ids: list[str], rows: list[dict], built: int,
+                       recorded: dict[tuple[str, int], dict]) -> bool:
     """Whether these buckets' shard_files and shard_samples rows already say what `run` would
     record, so neither is rewritten: every shard was skipped as unchanged (its content
     fingerprint covers each sample's key, .txt and .json, so its shard_samples rows too), the
     new shard_files rows equal the recorded ones, and shard_samples holds as many rows of these
     buckets as the shards hold samples."""
-    if run.built or len(run.rows) != len(recorded) or not table_exists(con, "shard_samples"):
+    if built or len(rows) != len(recorded) or not table_exists(con, "shard_samples"):
         return False
     names = SHARD_FILES_SCHEMA.names
-    for r in run.rows:
+    for r in rows:
         prev = recorded.get((r["bucket_id"], r["shard_index"]))
         if prev is None or any(prev.get(c) != r.get(c) for c in names):
             return False
     n = con.execute("SELECT count(*) FROM shard_samples WHERE list_contains(?, bucket_id)", [bucket_ids]).fetchone()[0]
-    return n == sum(r["samples"] for r in run.rows)
+    return n == sum(r["samples"] for r in rows)
 
 
-def record_shards(con, bucket_ids: list[str], rows: list[dict], plan: Path | None) -> int:
-    """Replace these buckets' shard_files and shard_samples rows in one transaction; shard_samples
-    come from the plan file joined with the shards' key ranges. Returns the samples recorded."""
+def record_shards(con, bucket_ids: list[str], rows: list[dict], plan: Path | None, max_samples: int, max_bytes: int,
+                  first_index: dict[str, int] | None = None) -> int:
+    """Replace these buckets' shard_files rows in one transaction, and their shard_samples rows
+    from shard `first_index[bucket]` (default 0) on: those come from the plan file (which holds
+    only those shards' samples) joined with the shards' key ranges; the new shards' range digests
+    are computed in SQL. Returns the samples recorded."""
+    first_index = first_index or {}
+    starts = {b: first_index.get(b, 0) for b in bucket_ids}
     with transaction(con, "shard_files"):
         replace_partitions(con, "shard_files", pa.Table.from_pylist(rows, schema=SHARD_FILES_SCHEMA), bucket_ids)
         if not table_exists(con, "shard_samples"):
@@ -196,12 +212,27 @@ def record_shards(con, bucket_ids: list[str], rows: list[dict], plan: Path | Non
         for c, t in SHARD_SAMPLES_COLUMNS:  # a work dir from an older version
             if c not in have:
                 con.execute(f"ALTER TABLE shard_samples ADD COLUMN {c} {t}")
-        con.execute("DELETE FROM shard_samples WHERE list_contains(?, bucket_id)", [bucket_ids])
+        con.execute(
+            """DELETE FROM shard_samples s
+               USING (SELECT unnest($b::VARCHAR[]) AS bucket_id, unnest($i::INTEGER[]) AS start) x
+               WHERE s.bucket_id = x.bucket_id AND s.shard_index >= x.start""",
+            {"b": list(starts), "i": list(starts.values())})
+        new = [r for r in rows if r["shard_index"] >= starts.get(r["bucket_id"], 0)]
         n = 0
-        if plan is not None and rows:
+        if plan is not None and new:
             n = con.execute(SHARD_SAMPLES_SQL, {"plan": str(plan), "buckets": bucket_ids}).fetchone()[0]
-        if n != sum(r["samples"] for r in rows):
-            raise RuntimeError(f"shard_samples: {n} rows for {sum(r['samples'] for r in rows)} samples in shards")
+        if n != sum(r["samples"] for r in new):
+            raise RuntimeError(f"shard_samples: {n} rows for {sum(r['samples'] for r in new)} samples in shards")
+        if new:
+            got = range_digests(con, starts)
+            upd = [((b, i), bucket_digest(got.get((b, i)), max_samples, max_bytes))
+                   for b, i in ((r["bucket_id"], r["shard_index"]) for r in new)]
+            con.register("_range_digests", pa.table({"bucket_id": [k[0] for k, _ in upd],
+                                                      "shard_index": pa.array([k[1] for k, _ in upd], pa.int32()),
+                                                      "d": pa.array([d for _, d in upd], pa.string())}))
+            con.execute("""UPDATE shard_files SET range_digest = u.d FROM _range_digests u
+                           WHERE shard_files.bucket_id = u.bucket_id AND shard_files.shard_index = u.shard_index""")
+            con.unregister("_range_digests")
     return n
 
 
@@ -244,6 +275,7 @@ class ShardSummary:
     rows: list[dict]
     buckets_with_samples: int
     buckets_unchanged: int  # skipped by plan digest: nothing of them planned, read or written
+    buckets_resumed: int  # changed buckets planned only from their first changed shard on
     unchanged: int  # shards skipped (by digest or by fingerprint)
     built: int
     rewritten: int
@@ -289,27 +321,57 @@ class ShardWriter:
             kept = [b for b in keys if ready and bucket_unchanged(self.out_dir, b in raw, digests[b], per_bucket[b])]
             kept_set = set(kept)
             todo = [b for b in keys if b not in kept_set]
+            first = self._first_changed(con, [b for b in todo if ready and b in raw], per_bucket) if has_plan else {}
             if has_plan and todo:
                 # Spilled to a file so the DB lock is not held while shards are written.
-                write_sample_plan(con, todo, plan)
+                write_sample_plan(con, todo, plan, {b: per_bucket[b][i - 1]["last_key"] for b, i in first.items()})
         for b in kept:
             clear_staging_temps(self.out_dir, b)
         filled = [b for b in todo if b in raw]
         if on_start is not None:
             on_start(len(filled))
+        # The shards before a changed bucket's first planned one stand: their rows stay as they
+        # are but for the bucket's new plan digest.
+        standing = [{**r, "plan_digest": digests[b]} for b, i in first.items() for r in per_bucket[b][:i]]
         try:
-            mine = {k: r for k, r in recorded.items() if k[0] not in kept_set}
+            mine = {k: r for k, r in recorded.items() if k[0] not in kept_set and k[1] >= first.get(k[0], 0)}
             run = write_buckets(self.out_dir, todo, iter_sample_plan(plan) if has_plan and todo else iter(()), mine,
-                                self.max_samples, self.max_bytes, compute, on_bucket=on_bucket, digests=digests)
+                                self.max_samples, self.max_bytes, compute, on_bucket=on_bucket, digests=digests,
+                                first_index=first)
             wrote = False
             if todo:
+                new_rows = sorted(standing + run.rows, key=lambda r: (r["bucket_id"], r["shard_index"]))
+                before = {k: r for k, r in recorded.items() if k[0] not in kept_set}
                 with self.connect() as con, streaming(con):
-                    if not shards_as_recorded(con, todo, run, mine):
-                        record_shards(con, todo, run.rows, plan if has_plan else None)
+                    if not shards_as_recorded(con, todo, new_rows, run.built, before):
+                        record_shards(con, todo, new_rows, plan if has_plan else None, self.max_samples,
+                                      self.max_bytes, first)
                         wrote = True
         finally:
             plan.unlink(missing_ok=True)
         kept_rows = [r for b in kept for r in per_bucket[b]]
-        rows = sorted(kept_rows + run.rows, key=lambda r: (r["bucket_id"], r["shard_index"]))
-        return ShardSummary(rows, sum(1 for b in keys if b in raw), len(kept), len(kept_rows) + run.unchanged,
-                            run.built, run.rewritten, wrote)
+        rows = sorted(kept_rows + standing + run.rows, key=lambda r: (r["bucket_id"], r["shard_index"]))
+        return ShardSummary(rows, sum(1 for b in keys if b in raw), len(kept), len(first),
+                            len(kept_rows) + len(standing) + run.unchanged, run.built, run.rewritten, wrote)
+
+    def _first_changed(self, con, buckets: list[str], per_bucket: dict[str, list[dict]]) -> dict[str, int]:
+        """bucket -> the index of the first shard to plan again, for the changed buckets whose
+        first shards stand. Shard i stands while the digest of its key range is the one recorded
+        and its file is the one recorded; the split is sequential, so the last shard of that run
+        of matches is planned again with everything after it (a sample added after it may belong
+        to it). Buckets with fewer than two such shards are planned whole (absent)."""
+        cand = {b: 0 for b in buckets if per_bucket[b] and all(r.get("range_digest") for r in per_bucket[b])}
+        now = range_digests(con, cand)
+        out: dict[str, int] = {}
+        for b in cand:
+            m = 0
+            for r in per_bucket[b]:
+                if (r["shard_index"] != m or r.get("fingerprint") is None
+                        or bucket_digest(now.get((b, m)), self.max_samples, self.max_bytes) != r["range_digest"]
+                        or shard_state(r["fingerprint"], r["path"], r["file_size"], r,
+                                       file_identity(self.out_dir / r["path"])) != UNCHANGED):
+                    break
+                m += 1
+            if m >= 2:
+                out[b] = m - 1
+        return out

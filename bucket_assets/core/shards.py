@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 from bucket_assets.core.atomic import TMP_PREFIX, atomic_writer
+from bucket_assets.core.db import table_exists
 from bucket_assets.core.failpoints import failpoint
 
 BLOCK = 512
@@ -291,17 +292,48 @@ def plan_digests(con, bucket_ids: list[str]) -> dict[str, tuple[int, int, int] |
     return {b: None if unknown else (int(n), int(s), int(x)) for b, n, s, x, unknown in rows}
 
 
+def range_digests(con, starts: dict[str, int]) -> dict[tuple[str, int], tuple[int, int, int] | None]:
+    """Per shard_files row of the buckets in `starts` from shard index `starts[bucket]` on: the
+    plan_digests aggregates of the planned samples whose keys fall in its key range (after the
+    previous shard's last key, up to its own; keys before the first shard count in it), as
+    (bucket_id, shard_index) -> (count, sum, bit_xor), None where a JPEG sha256 is unknown. A
+    shard no planned sample falls in is missing. Bounded by the shard count."""
+    if not starts or not table_exists(con, "shard_files"):
+        return {}
+    if "last_key" not in {r[0] for r in con.execute("DESCRIBE shard_files").fetchall()}:
+        return {}  # a work dir from before key ranges were recorded: every shard is planned
+    cols = ", ".join(f"s.{c}" for c in DIGEST_COLUMNS)
+    rows = con.execute(
+        f"""WITH s AS ({SAMPLE_ROWS_SQL}),
+                 f AS (SELECT bucket_id, shard_index, last_key FROM shard_files WHERE list_contains($buckets, bucket_id))
+            SELECT f.bucket_id, f.shard_index, count(*), sum(hash({cols})::HUGEINT), bit_xor(hash({cols}, 'digest')),
+                   count(*) FILTER (WHERE s.jpg_sha256 IS NULL OR s.jpg_sha256 = '')
+            FROM s ASOF JOIN f ON f.bucket_id = s.bucket_id AND s.key <= f.last_key
+            JOIN (SELECT unnest($buckets::VARCHAR[]) AS bucket_id, unnest($starts::INTEGER[]) AS start) x
+              ON x.bucket_id = f.bucket_id AND f.shard_index >= x.start
+            GROUP BY ALL""",
+        {"buckets": list(starts), "starts": [int(v) for v in starts.values()]},
+    ).fetchall()
+    return {(b, int(i)): None if unknown else (int(n), int(sm), int(x)) for b, i, n, sm, x, unknown in rows}
+
+
 PLAN_ROW_GROUP = 8192  # rows per row group of the plan file: what a reader decodes at a time
 
 
-def write_sample_plan(con, bucket_ids: list[str], path: str | os.PathLike) -> None:
+def write_sample_plan(con, bucket_ids: list[str], path: str | os.PathLike, after: dict[str, str] | None = None) -> None:
     """Write the ordered sample lists of these buckets to a parquet file (row groups follow the
-    bucket order, so reading one bucket back touches only its rows)."""
+    bucket order, so reading one bucket back touches only its rows). A bucket in `after` gets
+    only its samples with keys after that key (its earlier shards stand)."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(path).with_name(f"{TMP_PREFIX}{Path(path).name}")
+    after = after or {}
     con.execute(
-        f"COPY ({SAMPLE_PLAN_SQL}) TO '{_sql_path(tmp)}' (FORMAT parquet, ROW_GROUP_SIZE {PLAN_ROW_GROUP})",
-        {"buckets": list(bucket_ids)},
+        f"""COPY (SELECT s.* FROM ({SAMPLE_ROWS_SQL}) s
+                  LEFT JOIN (SELECT unnest($after_b::VARCHAR[]) AS bucket_id, unnest($after_k::VARCHAR[]) AS after_key) x USING (bucket_id)
+                  WHERE x.after_key IS NULL OR s.key > x.after_key
+                  ORDER BY s.bucket_id, s.key)
+            TO '{_sql_path(tmp)}' (FORMAT parquet, ROW_GROUP_SIZE {PLAN_ROW_GROUP})""",
+        {"buckets": list(bucket_ids), "after_b": list(after), "after_k": list(after.values())},
     )
     os.replace(tmp, path)
 
@@ -354,12 +386,14 @@ class PlannedShard:
         return shard_file_bytes(self.member_bytes)
 
 
-def plan_bucket_shards(rows: Iterable[dict], bucket_id: str, max_samples: int, max_bytes: int) -> Iterator[PlannedShard]:
+def plan_bucket_shards(rows: Iterable[dict], bucket_id: str, max_samples: int, max_bytes: int,
+                       first_index: int = 0) -> Iterator[PlannedShard]:
     """Split one bucket's sample-plan rows, streamed in key order, into shards (the rule of
     plan_shards), encoding each sample's .txt and .json once and fingerprinting each shard as its
     samples go by. Memory holds one shard's samples. Keys must strictly increase (raises
-    ValueError otherwise): the shards are key ranges."""
-    index, samples, acc, h, known, prev = 0, [], 0, None, True, None
+    ValueError otherwise): the shards are key ranges. The first shard is `first_index` (the
+    rows then start right after the shards before it, which stand)."""
+    index, samples, acc, h, known, prev = first_index, [], 0, None, True, None
 
     def start():
         h = hashlib.sha256()

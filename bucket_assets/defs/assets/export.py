@@ -61,7 +61,8 @@ def bucket_shards_asset(partitions: dg.PartitionsDefinition, processed_images: d
         sample, sorted by key, split by shards.max_samples / max_bytes. Reads stored JPEG bytes:
         no image is decoded or encoded here (core/shard_writer.py). A bucket whose plan digest and
         shard files are what the last build recorded is not planned at all
-        (run_buckets_unchanged); the others' plan streams in batches, and a shard whose content
+        (run_buckets_unchanged); a changed bucket is planned from its first shard whose key range
+        changed (run_buckets_resumed: the shards before it stand); the plan streams in batches, and a shard whose content
         fingerprint and published file are what the last build recorded is neither built nor read
         (run_shards_unchanged), the others are built (run_shards_built) and staged if their bytes
         changed; `export_manifest` publishes them together with the manifest that lists them."""
@@ -80,7 +81,8 @@ def bucket_shards_asset(partitions: dg.PartitionsDefinition, processed_images: d
         if progress:
             progress[0].close()
         context.log.info(f"{len(run.rows)} shard(s), {run.samples} samples in {run.buckets_with_samples} of "
-                         f"{len(keys)} bucket(s): {run.buckets_unchanged} bucket(s) unchanged, {run.unchanged} "
+                         f"{len(keys)} bucket(s): {run.buckets_unchanged} bucket(s) unchanged, {run.buckets_resumed} "
+                         f"planned from their first changed shard, {run.unchanged} "
                          f"shard(s) unchanged (not read), {run.built} built; {run.rewritten} file(s) staged")
         # Each partition's materialization carries its own numbers; what is run-wide says so.
         per_bucket = run.by_bucket(keys)
@@ -92,6 +94,7 @@ def bucket_shards_asset(partitions: dg.PartitionsDefinition, processed_images: d
                 "run_buckets": len(keys),
                 "run_buckets_with_samples": run.buckets_with_samples,
                 "run_buckets_unchanged": run.buckets_unchanged,
+                "run_buckets_resumed": run.buckets_resumed,
                 "run_shards": len(run.rows),
                 "run_samples": run.samples,
                 "run_bytes": sum(r["bytes"] for r in run.rows),
