@@ -331,7 +331,7 @@ class Metadata(_Model):
     # Units as DuckDB reads them: KB = 1000 bytes, KiB = 1024.
     memory_limit: str = "3GB"
     # The cap for statements that only pass rows through in order (the scan fragments into
-    # raw_index, the shard plan and its digests, the render plan): they spill to disk instead of
+    # raw_index, the shard plan and its digests): they spill to disk instead of
     # caching what they pass, so the coordinator's memory does not follow the dataset. Capped
     # by memory_limit when that is lower.
     stream_memory_limit: str = "256MB"

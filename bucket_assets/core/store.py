@@ -50,7 +50,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from bucket_assets.core.atomic import remove_stale_temps
-from bucket_assets.core.db import streaming, table_exists, transaction
+from bucket_assets.core.db import table_exists, transaction
 from bucket_assets.core.failpoints import failpoint
 from bucket_assets.core.journal import read_batches
 from bucket_assets.core.processing import (
@@ -218,7 +218,7 @@ class StoreRun:
         """Decide in DuckDB which planned samples are rendered and which rows are reused. When
         every planned sample keeps its committed row as it is (a no-op), that is decided by one
         aggregate and no file is written: the run then renders, moves and commits nothing."""
-        with self.store.connect() as con, streaming(con):
+        with self.store.connect() as con:
             self._load_packs(con)
             self._load_journals(con)
             cand = ["SELECT 0 AS origin, seq, image_id AS cand_image_id, "
@@ -350,7 +350,7 @@ class StoreRun:
         for the commit. Returns the buckets compacted."""
         if self.unchanged:  # plan found no bucket due
             return []
-        with self.store.connect() as con, streaming(con):
+        with self.store.connect() as con:
             live = dict(con.execute(
                 "SELECT bucket_id, coalesce(sum(bytes) FILTER (WHERE status = 'ok'), 0) "
                 "FROM read_parquet($src, union_by_name = true) GROUP BY bucket_id", {"src": self._staged()}).fetchall())
@@ -389,7 +389,7 @@ class StoreRun:
                                            coalesce(m.pack_offset, s.pack_offset) AS pack_offset)
                        FROM ({rows}) s LEFT JOIN read_parquet($moved) m ON m.bucket_id = s.bucket_id AND m.key = s.key"""
         params = {"src": self._staged(), **({"moved": str(self.moved)} if self.moved.exists() else {})}
-        with self.store.connect() as con, streaming(con):
+        with self.store.connect() as con:
             if not self._as_committed(con):
                 with transaction(con, TABLE):
                     _ensure_table(con)
