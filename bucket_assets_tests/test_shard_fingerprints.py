@@ -169,13 +169,18 @@ def _land_caption(landing: Path, image_id: str, text: str) -> None:
     }))
 
 
-def test_a_caption_change_rebuilds_only_the_shard_that_holds_it(built):
-    spec_path, export, work, landing = built
-    rows = _shard_files(spec_path)
+def _most_sharded(rows: list[tuple]) -> tuple[dict[str, list[tuple]], str]:
+    """shard_files rows by bucket, and the bucket with the most shards (first by name on a tie)."""
     by_bucket: dict[str, list[tuple]] = {}
     for r in rows:
         by_bucket.setdefault(r[0], []).append(r)
-    bucket = max(sorted(by_bucket), key=lambda b: len(by_bucket[b]))
+    return by_bucket, max(sorted(by_bucket), key=lambda b: len(by_bucket[b]))
+
+
+def test_a_caption_change_rebuilds_only_the_shard_that_holds_it(built):
+    spec_path, export, work, landing = built
+    rows = _shard_files(spec_path)
+    by_bucket, bucket = _most_sharded(rows)
     assert len(by_bucket[bucket]) >= 3
     shard = by_bucket[bucket][1]
     con = duckdb.connect(str(load_spec(spec_path).db_path), read_only=True)
@@ -225,10 +230,7 @@ def _range_digests(spec_path) -> list[tuple]:
 def test_a_change_in_a_later_shard_plans_its_bucket_from_the_shard_before_it(built, make_spec):
     spec_path, export, work, landing = built
     rows = _shard_files(spec_path)
-    by_bucket: dict[str, list[tuple]] = {}
-    for r in rows:
-        by_bucket.setdefault(r[0], []).append(r)
-    bucket = max(sorted(by_bucket), key=lambda b: len(by_bucket[b]))
+    by_bucket, bucket = _most_sharded(rows)
     n = len(by_bucket[bucket])
     assert n >= 3
     db = str(load_spec(spec_path).db_path)
