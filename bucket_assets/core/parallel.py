@@ -7,10 +7,16 @@ import collections
 import itertools
 import multiprocessing as mp
 import os
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from typing import Callable, Iterable, Iterator, TypeVar
 
 T = TypeVar("T")
 R = TypeVar("R")
+
+
+class WorkerDied(RuntimeError):
+    """A pool worker process ended without returning its chunk (killed, out of memory, crashed)."""
 
 
 def resolve_workers(requested: int) -> int:
@@ -38,6 +44,8 @@ def ordered_map(
     follows the window, not the input. Small inputs run inline: starting interpreters costs
     more than they would save. `initializer` runs once in each worker (default: one torch
     thread, which imports torch: about 180 MB per worker; None for work that needs no torch).
+    A worker that dies raises `WorkerDied` at once: multiprocessing.Pool would replace it and
+    wait forever for the chunk it held.
     """
     it = iter(items)
     head = list(itertools.islice(it, min_items_for_pool))
@@ -45,15 +53,30 @@ def ordered_map(
         yield from map(fn, itertools.chain(head, it))
         return
     chunks = _chunks(itertools.chain(head, it), chunksize)
-    ctx = mp.get_context("spawn")
-    with ctx.Pool(processes=workers, initializer=initializer) as pool:
-        pending: collections.deque = collections.deque()
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"), initializer=initializer)
+    pending: collections.deque[Future] = collections.deque()
+    finished = False
+    try:
         for chunk in chunks:
-            pending.append(pool.apply_async(_run_chunk, (fn, chunk)))
+            pending.append(pool.submit(_run_chunk, fn, chunk))
             if len(pending) >= workers * window:
-                yield from pending.popleft().get()
+                yield from _result(pending.popleft())
         while pending:
-            yield from pending.popleft().get()
+            yield from _result(pending.popleft())
+        finished = True
+    finally:
+        # An early close or an error drops what is queued instead of computing it first.
+        pool.shutdown(wait=True, cancel_futures=not finished)
+
+
+def _result(future: Future) -> list:
+    try:
+        return future.result()
+    except BrokenProcessPool as e:
+        raise WorkerDied(
+            "a worker process of the local pool died before returning its work (killed, out of "
+            "memory, or crashed); the build stopped there and a rerun resumes from what was recorded"
+        ) from e
 
 
 def _chunks(items: Iterable[T], size: int) -> Iterator[list[T]]:
