@@ -224,7 +224,7 @@ def record_shards(con, bucket_ids: list[str], rows: list[dict], plan: Path | Non
         if n != sum(r["samples"] for r in new):
             raise RuntimeError(f"shard_samples: {n} rows for {sum(r['samples'] for r in new)} samples in shards")
         if new:
-            got = range_digests(con, starts)
+            got = range_digests(con, starts, plan) if plan is not None else {}
             upd = [((b, i), bucket_digest(got.get((b, i)), max_samples, max_bytes))
                    for b, i in ((r["bucket_id"], r["shard_index"]) for r in new)]
             con.register("_range_digests", pa.table({"bucket_id": [k[0] for k, _ in upd],

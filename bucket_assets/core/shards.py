@@ -292,19 +292,23 @@ def plan_digests(con, bucket_ids: list[str]) -> dict[str, tuple[int, int, int] |
     return {b: None if unknown else (int(n), int(s), int(x)) for b, n, s, x, unknown in rows}
 
 
-def range_digests(con, starts: dict[str, int]) -> dict[tuple[str, int], tuple[int, int, int] | None]:
+def range_digests(con, starts: dict[str, int], plan: str | os.PathLike | None = None
+                  ) -> dict[tuple[str, int], tuple[int, int, int] | None]:
     """Per shard_files row of the buckets in `starts` from shard index `starts[bucket]` on: the
     plan_digests aggregates of the planned samples whose keys fall in its key range (after the
     previous shard's last key, up to its own; keys before the first shard count in it), as
     (bucket_id, shard_index) -> (count, sum, bit_xor), None where a JPEG sha256 is unknown. A
-    shard no planned sample falls in is missing. Bounded by the shard count."""
+    shard no planned sample falls in is missing. Bounded by the shard count. The samples are the
+    plan's (SAMPLE_ROWS_SQL), or those of a sample plan file written by write_sample_plan with
+    these starts (it holds only the samples of those shards: a rebuild reads what it planned
+    instead of joining every sample of the buckets again)."""
     if not starts or not table_exists(con, "shard_files"):
         return {}
     if "last_key" not in {r[0] for r in con.execute("DESCRIBE shard_files").fetchall()}:
         return {}  # a work dir from before key ranges were recorded: every shard is planned
     cols = ", ".join(f"s.{c}" for c in DIGEST_COLUMNS)
     rows = con.execute(
-        f"""WITH s AS ({SAMPLE_ROWS_SQL}),
+        f"""WITH s AS ({SAMPLE_ROWS_SQL if plan is None else "SELECT * FROM read_parquet($plan)"}),
                  f AS (SELECT bucket_id, shard_index, last_key FROM shard_files WHERE list_contains($buckets, bucket_id))
             SELECT f.bucket_id, f.shard_index, count(*), sum(hash({cols})::HUGEINT), bit_xor(hash({cols}, 'digest')),
                    count(*) FILTER (WHERE s.jpg_sha256 IS NULL OR s.jpg_sha256 = '')
@@ -312,7 +316,8 @@ def range_digests(con, starts: dict[str, int]) -> dict[tuple[str, int], tuple[in
             JOIN (SELECT unnest($buckets::VARCHAR[]) AS bucket_id, unnest($starts::INTEGER[]) AS start) x
               ON x.bucket_id = f.bucket_id AND f.shard_index >= x.start
             GROUP BY ALL""",
-        {"buckets": list(starts), "starts": [int(v) for v in starts.values()]},
+        {"buckets": list(starts), "starts": [int(v) for v in starts.values()],
+         **({} if plan is None else {"plan": str(plan)})},
     ).fetchall()
     return {(b, int(i)): None if unknown else (int(n), int(sm), int(x)) for b, i, n, sm, x, unknown in rows}
 

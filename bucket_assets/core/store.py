@@ -50,7 +50,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from bucket_assets.core.atomic import remove_stale_temps
-from bucket_assets.core.db import table_exists, transaction
+from bucket_assets.core.db import streaming, table_exists, transaction
 from bucket_assets.core.failpoints import failpoint
 from bucket_assets.core.journal import read_batches
 from bucket_assets.core.processing import (
@@ -215,9 +215,9 @@ class StoreRun:
         return self.samples - self.to_render
 
     def plan(self) -> None:
-        """Decide in DuckDB which planned samples are rendered and which rows are reused. When
-        every planned sample keeps its committed row as it is (a no-op), that is decided by one
-        aggregate and no file is written: the run then renders, moves and commits nothing."""
+        """Decide in DuckDB which planned samples are rendered and which rows are reused, under
+        the stream memory cap. When every planned sample keeps its committed row as it is (a
+        no-op), the run then renders, moves and commits nothing."""
         with self.store.connect() as con:
             self._load_packs(con)
             self._load_journals(con)
@@ -232,49 +232,48 @@ class StoreRun:
                 cand.append(f'SELECT 1 AS origin, 0 AS seq, {"image_id" if "image_id" in have else "NULL"} AS cand_image_id, '
                             f'{cols} FROM "{TABLE}" WHERE list_contains($buckets, bucket_id)')
             prev = ", ".join(f'r."{c}" AS "prev_{c}"' for c, _ in _RESULT_COLUMNS)
+            # The plan is read once: each candidate still valid (a failure, or a record within a
+            # pack on disk) is ranked among those with its bucket, key and fingerprint, and the
+            # plan row takes the best one with its own fingerprint.
             decided = f"""
-                WITH plan AS ({PLAN_SQL}),
-                cand AS ({" UNION ALL ".join(cand)}),
-                reusable AS (
-                    SELECT c.* FROM cand c
-                    JOIN plan p ON p.bucket_id = c.bucket_id AND p.key = c.key AND p.fingerprint = c.fingerprint
+                WITH reusable AS (
+                    SELECT c.* FROM ({" UNION ALL ".join(cand)}) c
                     LEFT JOIN _store_packs k ON k.bucket_id = c.bucket_id AND k.path = c.path
                     WHERE c.status IS DISTINCT FROM 'ok' OR c.pack_offset + c.bytes <= k.size
-                    QUALIFY row_number() OVER (PARTITION BY c.bucket_id, c.key ORDER BY c.origin, c.seq DESC) = 1
+                    QUALIFY row_number() OVER (PARTITION BY c.bucket_id, c.key, c.fingerprint ORDER BY c.origin, c.seq DESC) = 1
                 )
                 SELECT p.*, r.key IS NOT NULL AS reuse,
                        -- the kept row would be the committed row itself (the same id under the same key)
                        coalesce(r.origin = 1 AND r.cand_image_id = p.image_id, false) AS as_committed, {prev}
-                FROM plan p LEFT JOIN reusable r ON r.bucket_id = p.bucket_id AND r.key = p.key"""
+                FROM ({PLAN_SQL}) p
+                LEFT JOIN reusable r ON r.bucket_id = p.bucket_id AND r.key = p.key AND r.fingerprint = p.fingerprint"""
             params = {"buckets": self.buckets, **fingerprint_params(self.params)}
-            if complete and not self.journal_rows:
+            # Decided once, into the run's staging dir; what follows reads that file (a no-op's
+            # check included: the aggregate would cost as much as the join it summarises).
+            with streaming(con):
+                con.execute(f"COPY ({decided}) TO $out (FORMAT parquet, ROW_GROUP_SIZE {self.batch_rows})",
+                            {**params, "out": str(self.decided)})
                 counts = con.execute(
-                    f"SELECT bucket_id, count(*), count(*) FILTER (WHERE NOT reuse), "
-                    f"count(*) FILTER (WHERE NOT as_committed) FROM ({decided}) GROUP BY bucket_id", params).fetchall()
-                committed = con.execute(f'SELECT count(*) FROM "{TABLE}" WHERE list_contains($buckets, bucket_id)',
-                                        {"buckets": self.buckets}).fetchone()[0]
-                live = dict(con.execute(
-                    f'SELECT bucket_id, coalesce(sum(bytes) FILTER (WHERE status = \'ok\'), 0) FROM "{TABLE}" '
-                    "WHERE list_contains($buckets, bucket_id) GROUP BY bucket_id", {"buckets": self.buckets}).fetchall())
-                if (all(d == 0 for *_, d in counts) and committed == sum(n for _, n, *_ in counts)
-                        and not self._due_for_compaction(live)):
-                    self.planned = {b: (0, 0) for b in self.buckets} | {b: (n, r) for b, n, r, _ in counts}
-                    self.unchanged = True
-                    return
-            con.execute(f"COPY ({decided}) TO $out (FORMAT parquet, ROW_GROUP_SIZE {self.batch_rows})",
-                        {**params, "out": str(self.decided)})
-            kept = ", ".join(f'"prev_{c}" AS "{c}"' if (c, t) in _RESULT_COLUMNS else f'"{c}"' for c, t in COLUMNS)
-            self._copy(con, f"SELECT {kept} FROM read_parquet($src) WHERE reuse ORDER BY bucket_id, key",
-                       self.decided, self.kept)
-            # Rendered in source order (file, then offset or row): each tar and parquet file is read
-            # front to back, and a worker reads each parquet row group's images once.
-            self._copy(con, f"SELECT {', '.join(TASK_COLUMNS)} FROM read_parquet($src) WHERE NOT reuse "
-                            "ORDER BY location, data_offset, bucket_id, key", self.decided, self.todo)
-            counts = con.execute(
-                "SELECT bucket_id, count(*), count(*) FILTER (WHERE NOT reuse) FROM read_parquet($src) GROUP BY bucket_id",
-                {"src": str(self.decided)},
-            ).fetchall()
-        self.planned = {b: (0, 0) for b in self.buckets} | {b: (n, r) for b, n, r in counts}
+                    "SELECT bucket_id, count(*), count(*) FILTER (WHERE NOT reuse), count(*) FILTER (WHERE NOT as_committed) "
+                    "FROM read_parquet($src) GROUP BY bucket_id", {"src": str(self.decided)}).fetchall()
+                self.planned = {b: (0, 0) for b in self.buckets} | {b: (n, r) for b, n, r, _ in counts}
+                if complete and not self.journal_rows:
+                    committed = con.execute(f'SELECT count(*) FROM "{TABLE}" WHERE list_contains($buckets, bucket_id)',
+                                            {"buckets": self.buckets}).fetchone()[0]
+                    live = dict(con.execute(
+                        f'SELECT bucket_id, coalesce(sum(bytes) FILTER (WHERE status = \'ok\'), 0) FROM "{TABLE}" '
+                        "WHERE list_contains($buckets, bucket_id) GROUP BY bucket_id", {"buckets": self.buckets}).fetchall())
+                    if (all(d == 0 for *_, d in counts) and committed == sum(n for _, n, *_ in counts)
+                            and not self._due_for_compaction(live)):
+                        self.unchanged = True
+                        return
+                kept = ", ".join(f'"prev_{c}" AS "{c}"' if (c, t) in _RESULT_COLUMNS else f'"{c}"' for c, t in COLUMNS)
+                self._copy(con, f"SELECT {kept} FROM read_parquet($src) WHERE reuse ORDER BY bucket_id, key",
+                           self.decided, self.kept)
+                # Rendered in source order (file, then offset or row): each tar and parquet file is read
+                # front to back, and a worker reads each parquet row group's images once.
+                self._copy(con, f"SELECT {', '.join(TASK_COLUMNS)} FROM read_parquet($src) WHERE NOT reuse "
+                                "ORDER BY location, data_offset, bucket_id, key", self.decided, self.todo)
 
     def _copy(self, con, select: str, src: Path, out: Path) -> None:
         con.execute(f"COPY ({select}) TO $out (FORMAT parquet, ROW_GROUP_SIZE {self.batch_rows})",

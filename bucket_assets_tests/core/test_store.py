@@ -146,8 +146,8 @@ def test_a_rebuild_reuses_every_row_and_its_record(tmp_path):
     assert not list((tmp_path / "work" / "tmp").glob(f"{STAGING_PREFIX}*"))
 
 
-def test_a_no_op_is_decided_by_one_aggregate_and_writes_nothing(tmp_path):
-    """A rebuild whose committed rows all stand is planned without a file and commits nothing
+def test_a_no_op_stages_nothing_to_render_or_keep_and_commits_nothing(tmp_path):
+    """A rebuild whose committed rows all stand writes no kept or todo rows and commits nothing
     (a marker in a result column survives); a row under a new id, or a table of an older
     version, takes the full path and is rewritten."""
     f = Fixture(tmp_path)
@@ -155,7 +155,7 @@ def test_a_no_op_is_decided_by_one_aggregate_and_writes_nothing(tmp_path):
     f.sql("UPDATE processed_images SET error = 'marker' WHERE key = 'img0_000'")
     with f.store.run(BUCKETS, PARAMS, "t") as run:
         assert run.unchanged and (run.samples, run.to_render) == (14, 0)
-        assert not any(p.exists() for p in (run.decided, run.kept, run.todo))
+        assert not any(p.exists() for p in (run.kept, run.todo, run.results))
         run.render(Inline())
         done = run.finish()
     assert (done.samples, done.rendered) == (14, 0)
