@@ -50,7 +50,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from bucket_assets.core.atomic import remove_stale_temps
-from bucket_assets.core.db import streaming, table_exists, transaction
+from bucket_assets.core.db import table_exists, transaction
 from bucket_assets.core.failpoints import failpoint
 from bucket_assets.core.journal import read_batches
 from bucket_assets.core.processing import (
@@ -215,8 +215,8 @@ class StoreRun:
         return self.samples - self.to_render
 
     def plan(self) -> None:
-        """Decide in DuckDB which planned samples are rendered and which rows are reused, under
-        the stream memory cap. When every planned sample keeps its committed row as it is (a
+        """Decide in DuckDB which planned samples are rendered and which rows are reused.
+        When every planned sample keeps its committed row as it is (a
         no-op), the run then renders, moves and commits nothing."""
         with self.store.connect() as con:
             self._load_packs(con)
@@ -250,30 +250,31 @@ class StoreRun:
             params = {"buckets": self.buckets, **fingerprint_params(self.params)}
             # Decided once, into the run's staging dir; what follows reads that file (a no-op's
             # check included: the aggregate would cost as much as the join it summarises).
-            with streaming(con):
-                con.execute(f"COPY ({decided}) TO $out (FORMAT parquet, ROW_GROUP_SIZE {self.batch_rows})",
-                            {**params, "out": str(self.decided)})
-                counts = con.execute(
-                    "SELECT bucket_id, count(*), count(*) FILTER (WHERE NOT reuse), count(*) FILTER (WHERE NOT as_committed) "
-                    "FROM read_parquet($src) GROUP BY bucket_id", {"src": str(self.decided)}).fetchall()
-                self.planned = {b: (0, 0) for b in self.buckets} | {b: (n, r) for b, n, r, _ in counts}
-                if complete and not self.journal_rows:
-                    committed = con.execute(f'SELECT count(*) FROM "{TABLE}" WHERE list_contains($buckets, bucket_id)',
-                                            {"buckets": self.buckets}).fetchone()[0]
-                    live = dict(con.execute(
-                        f'SELECT bucket_id, coalesce(sum(bytes) FILTER (WHERE status = \'ok\'), 0) FROM "{TABLE}" '
-                        "WHERE list_contains($buckets, bucket_id) GROUP BY bucket_id", {"buckets": self.buckets}).fetchall())
-                    if (all(d == 0 for *_, d in counts) and committed == sum(n for _, n, *_ in counts)
-                            and not self._due_for_compaction(live)):
-                        self.unchanged = True
-                        return
-                kept = ", ".join(f'"prev_{c}" AS "{c}"' if (c, t) in _RESULT_COLUMNS else f'"{c}"' for c, t in COLUMNS)
-                self._copy(con, f"SELECT {kept} FROM read_parquet($src) WHERE reuse ORDER BY bucket_id, key",
-                           self.decided, self.kept)
-                # Rendered in source order (file, then offset or row): each tar and parquet file is read
-                # front to back, and a worker reads each parquet row group's images once.
-                self._copy(con, f"SELECT {', '.join(TASK_COLUMNS)} FROM read_parquet($src) WHERE NOT reuse "
-                                "ORDER BY location, data_offset, bucket_id, key", self.decided, self.todo)
+            # The full cap: at 1M images a rebuild removing a tar ran out of DuckDB memory here
+            # under the 256MB stream cap ("failed to pin block", scale.py sixth run).
+            con.execute(f"COPY ({decided}) TO $out (FORMAT parquet, ROW_GROUP_SIZE {self.batch_rows})",
+                        {**params, "out": str(self.decided)})
+            counts = con.execute(
+                "SELECT bucket_id, count(*), count(*) FILTER (WHERE NOT reuse), count(*) FILTER (WHERE NOT as_committed) "
+                "FROM read_parquet($src) GROUP BY bucket_id", {"src": str(self.decided)}).fetchall()
+            self.planned = {b: (0, 0) for b in self.buckets} | {b: (n, r) for b, n, r, _ in counts}
+            if complete and not self.journal_rows:
+                committed = con.execute(f'SELECT count(*) FROM "{TABLE}" WHERE list_contains($buckets, bucket_id)',
+                                        {"buckets": self.buckets}).fetchone()[0]
+                live = dict(con.execute(
+                    f'SELECT bucket_id, coalesce(sum(bytes) FILTER (WHERE status = \'ok\'), 0) FROM "{TABLE}" '
+                    "WHERE list_contains($buckets, bucket_id) GROUP BY bucket_id", {"buckets": self.buckets}).fetchall())
+                if (all(d == 0 for *_, d in counts) and committed == sum(n for _, n, *_ in counts)
+                        and not self._due_for_compaction(live)):
+                    self.unchanged = True
+                    return
+            kept = ", ".join(f'"prev_{c}" AS "{c}"' if (c, t) in _RESULT_COLUMNS else f'"{c}"' for c, t in COLUMNS)
+            self._copy(con, f"SELECT {kept} FROM read_parquet($src) WHERE reuse ORDER BY bucket_id, key",
+                       self.decided, self.kept)
+            # Rendered in source order (file, then offset or row): each tar and parquet file is read
+            # front to back, and a worker reads each parquet row group's images once.
+            self._copy(con, f"SELECT {', '.join(TASK_COLUMNS)} FROM read_parquet($src) WHERE NOT reuse "
+                            "ORDER BY location, data_offset, bucket_id, key", self.decided, self.todo)
 
     def _copy(self, con, select: str, src: Path, out: Path) -> None:
         con.execute(f"COPY ({select}) TO $out (FORMAT parquet, ROW_GROUP_SIZE {self.batch_rows})",
