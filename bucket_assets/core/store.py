@@ -215,9 +215,9 @@ class StoreRun:
         return self.samples - self.to_render
 
     def plan(self) -> None:
-        """Decide in DuckDB which planned samples are rendered and which rows are reused.
-        When every planned sample keeps its committed row as it is (a
-        no-op), the run then renders, moves and commits nothing."""
+        """Decide in DuckDB which planned samples are rendered and which rows are reused. When
+        every planned sample keeps its committed row as it is (a no-op), the run then renders,
+        moves and commits nothing."""
         with self.store.connect() as con:
             self._load_packs(con)
             self._load_journals(con)
