@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from bucket_assets.core.failpoints import ENV as FAILPOINT_ENV
 from bucket_assets.core.manifest import VOLATILE_FIELDS, verify_export
 from bucket_assets.distributed import BROKER_ENV, CHUNK_ENV
 from bucket_assets_tests.conftest import free_port, run_cli, spec_dict, wait_for
@@ -53,7 +54,9 @@ def engine(tmp_path_factory):
                 return False
 
         wait_for(up, 20, "redis-server", server)
-        env = {**os.environ, BROKER_ENV: broker}
+        # Every render on a worker takes at least SLOW_S: a chunk outlasts the broker's hand-off,
+        # so the test's split of one bucket over both workers does not depend on machine load.
+        env = {**os.environ, BROKER_ENV: broker, FAILPOINT_ENV: "slow:render"}
         for name in ("w1", "w2"):
             log = open(d / f"{name}.log", "w")
             workers.append(subprocess.Popen(
@@ -89,6 +92,12 @@ def _manifest(export: Path) -> dict:
     return {k: v for k, v in m.items() if k not in VOLATILE_FIELDS}
 
 
+def _largest_bucket_rendered_by_both(shared: Path) -> None:
+    """Work inside one bucket is split: the largest bucket's packs come from both workers."""
+    largest = max((shared / "work" / "processed").iterdir(), key=lambda d: sum(p.stat().st_size for p in d.glob("pack-*.bin")))
+    assert len({p.name.split("-")[1] for p in largest.glob("pack-*.bin")}) == 2, sorted(largest.glob("pack-*.bin"))
+
+
 def test_celery_build_equals_the_single_machine_build(engine, sample_root, tmp_path):
     single = tmp_path / "single"
     single.mkdir()
@@ -120,9 +129,7 @@ def test_celery_build_equals_the_single_machine_build(engine, sample_root, tmp_p
     logs = "".join((engine["dir"] / f"{n}.log").read_text() for n in ("w1", "w2"))
     assert "bucket_assets.run_chunk" in logs
     assert len(pids) >= 2, pids
-    # Work inside one bucket is split: the largest bucket was rendered by both workers.
-    largest = max((shared / "work" / "processed").iterdir(), key=lambda d: sum(p.stat().st_size for p in d.glob("pack-*.bin")))
-    assert len({p.name.split("-")[1] for p in largest.glob("pack-*.bin")}) == 2, largest
+    _largest_bucket_rendered_by_both(shared)
     for name in ("w1", "w2"):
         assert "succeeded" in (engine["dir"] / f"{name}.log").read_text(), f"worker {name} ran no task"
 
@@ -149,6 +156,7 @@ def test_celery_build_equals_the_single_machine_build(engine, sample_root, tmp_p
         verify_export(shared / "export")
         packs = {str(p) for p in (shared / "work" / "processed").rglob("pack-*.bin")}
         assert packs and not packs & {str(p) for p in pids_before}
+        _largest_bucket_rendered_by_both(shared)
         pids_before = set(packs)
         # Nothing the scan reads changed: no part was scanned again.
         assert {p: p.stat().st_mtime_ns for p in (shared / "work" / "scan").rglob("*.json")} == scanned

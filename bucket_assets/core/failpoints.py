@@ -4,8 +4,9 @@ environment asks for it, kill the whole process group with SIGKILL or fail with 
     BUCKET_ASSETS_FAILPOINT=<action>:<point>[=<context>][@<n>]
 
 action is `kill` (SIGKILL to the process group: the build and its workers die at once, as
-when a machine or the OOM killer takes them) or `enospc` (raise OSError ENOSPC, as a full
-disk would). The point fires on its n-th hit in a process (default 1; a full disk stays full, so `enospc` keeps firing after it) whose context equals
+when a machine or the OOM killer takes them), `enospc` (raise OSError ENOSPC, as a full
+disk would) or `slow` (sleep SLOW_S on every hit from the n-th: a slow machine, so that
+tests of work spreading over workers do not depend on how loaded the test machine is). The point fires on its n-th hit in a process (default 1; a full disk stays full, so `enospc` keeps firing after it) whose context equals
 <context> when one is given. Unset (the normal case) every call is a single comparison.
 Tests start the build in its own session so the kill reaches only the build.
 """
@@ -15,8 +16,10 @@ from __future__ import annotations
 import errno
 import os
 import signal
+import time
 
 ENV = "BUCKET_ASSETS_FAILPOINT"
+SLOW_S = 0.25
 
 
 def _parse(value: str | None) -> tuple[str, str, str | None, int] | None:
@@ -25,8 +28,8 @@ def _parse(value: str | None) -> tuple[str, str, str | None, int] | None:
     action, _, rest = value.partition(":")
     rest, _, nth = rest.partition("@")
     point, eq, context = rest.partition("=")
-    if action not in ("kill", "enospc") or not point:
-        raise ValueError(f"{ENV}={value!r}: expected <kill|enospc>:<point>[=<context>][@<n>]")
+    if action not in ("kill", "enospc", "slow") or not point:
+        raise ValueError(f"{ENV}={value!r}: expected <kill|enospc|slow>:<point>[=<context>][@<n>]")
     return action, point, context if eq else None, int(nth or 1)
 
 
@@ -44,6 +47,9 @@ def failpoint(point: str, context: str | None = None) -> None:
         return
     _hits += 1
     if _hits < nth or (action == "kill" and _hits > nth):
+        return
+    if action == "slow":
+        time.sleep(SLOW_S)
         return
     if action == "kill":
         os.killpg(os.getpgrp(), signal.SIGKILL)

@@ -312,6 +312,7 @@ class Journal:
 def render(task: RenderTask) -> dict:
     """Render one sample into the store. Returns a result row; never raises for bad images
     (a failing store write, such as a full disk, raises)."""
+    failpoint("render")
     return _render(task, _no_clock)
 
 

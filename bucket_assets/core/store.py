@@ -261,11 +261,10 @@ class StoreRun:
             if complete and not self.journal_rows:
                 committed = con.execute(f'SELECT count(*) FROM "{TABLE}" WHERE list_contains($buckets, bucket_id)',
                                         {"buckets": self.buckets}).fetchone()[0]
-                live = dict(con.execute(
-                    f'SELECT bucket_id, coalesce(sum(bytes) FILTER (WHERE status = \'ok\'), 0) FROM "{TABLE}" '
-                    "WHERE list_contains($buckets, bucket_id) GROUP BY bucket_id", {"buckets": self.buckets}).fetchall())
+                live = _pack_use(con, f'SELECT * FROM "{TABLE}" WHERE list_contains($buckets, bucket_id)',
+                                 {"buckets": self.buckets})
                 if (all(d == 0 for *_, d in counts) and committed == sum(n for _, n, *_ in counts)
-                        and not self._due_for_compaction(live)):
+                        and not self._due_for_compaction(live) and not self._unreferenced_packs(live)):
                     self.unchanged = True
                     return
             kept = ", ".join(f'"prev_{c}" AS "{c}"' if (c, t) in _RESULT_COLUMNS else f'"{c}"' for c, t in COLUMNS)
@@ -351,9 +350,7 @@ class StoreRun:
         if self.unchanged:  # plan found no bucket due
             return []
         with self.store.connect() as con:
-            live = dict(con.execute(
-                "SELECT bucket_id, coalesce(sum(bytes) FILTER (WHERE status = 'ok'), 0) "
-                "FROM read_parquet($src, union_by_name = true) GROUP BY bucket_id", {"src": self._staged()}).fetchall())
+            live = _pack_use(con, "SELECT * FROM read_parquet($src, union_by_name = true)", {"src": self._staged()})
             due = self._due_for_compaction(live)
             if not due:
                 return []
@@ -371,14 +368,23 @@ class StoreRun:
                     writer.write_table(pa.Table.from_pylist(batch, schema=_MOVED_SCHEMA))
         return due
 
-    def _due_for_compaction(self, live: dict[str, int]) -> list[str]:
-        """The buckets whose packs on disk are mostly not `live` bytes (bucket -> bytes of ok records)."""
+    def _due_for_compaction(self, live: dict[str, tuple[int, set[str]]]) -> list[str]:
+        """The buckets whose packs that `live` records point into (bucket -> (bytes of ok records,
+        their packs)) are mostly replaced records. Packs no live record points into are not
+        counted: the commit's prune deletes them whole, so a full re-render (a new quality, say)
+        compacts nothing."""
         due = []
         for b in self.buckets:
-            sizes = [s for _, s in packs_on_disk(self.processed_dir, b)]
-            if sizes and needs_compaction(live.get(b, 0), sum(sizes), len(sizes)):
+            live_bytes, used = live.get(b, (0, set()))
+            sizes = [s for p, s in packs_on_disk(self.processed_dir, b) if p in used]
+            if sizes and needs_compaction(live_bytes, sum(sizes), len(sizes)):
                 due.append(b)
         return due
+
+    def _unreferenced_packs(self, live: dict[str, tuple[int, set[str]]]) -> bool:
+        """Whether a bucket's store dir holds a pack no live record points into (left by a
+        killed run, say): a build that would otherwise be a no-op commits, so the prune runs."""
+        return any(p not in live.get(b, (0, set()))[1] for b in self.buckets for p, _ in packs_on_disk(self.processed_dir, b))
 
     def commit(self) -> StoreSummary:
         """Replace the partitions' rows with this run's in one transaction, then drop the
@@ -494,6 +500,15 @@ def _staging_dir(root: Path) -> tuple[Path, int]:
     fcntl.flock(fd, fcntl.LOCK_EX)
     os.rename(tmp, d / _STAGING_LOCK)
     return d, fd
+
+
+def _pack_use(con, rows_sql: str, params: dict) -> dict[str, tuple[int, set[str]]]:
+    """bucket -> (bytes of its ok records, the packs they point into) over `rows_sql`'s rows
+    (a few packs per bucket: compaction bounds them)."""
+    return {b: (n, set(paths or ())) for b, n, paths in con.execute(
+        f"SELECT bucket_id, coalesce(sum(bytes) FILTER (WHERE status = 'ok'), 0), "
+        f"list(DISTINCT path) FILTER (WHERE status = 'ok' AND path IS NOT NULL) FROM ({rows_sql}) GROUP BY bucket_id",
+        params).fetchall()}
 
 
 def packs_on_disk(processed_dir: str | os.PathLike, bucket_id: str) -> list[tuple[str, int]]:

@@ -27,6 +27,7 @@ from bucket_assets.core.processing import (
     close_store_packs,
     is_pack,
     journal_path,
+    needs_compaction,
     render,
 )
 from bucket_assets.core.store import (
@@ -370,6 +371,37 @@ def test_compaction_copies_streamed_rows_in_key_order(tmp_path):
     assert sorted(os.listdir(f.processed / "p24x32")) == sorted(os.path.basename(p) for p in other)
     assert {k: after[k] for k in after if k.startswith("p24x32/")} == {
         k: v for k, v in before.items() if k.startswith("p24x32/")}
+
+
+def test_a_full_re_render_compacts_nothing_and_a_stray_pack_is_pruned(tmp_path):
+    """Packs no live record points into are pruned whole, so they do not make a bucket due for
+    compaction: a rebuild at a lower quality (new records smaller than the old packs) copies
+    nothing. A stray pack alone makes an otherwise no-op build commit, and the prune removes it."""
+    f = Fixture(tmp_path)
+    f.build()
+    old = {p for b in BUCKETS for p, _ in packs_on_disk(f.processed, b)}
+    low = RenderParams("reencode_jpeg", 20, "adaptive_scale", 0.85, 10**8)
+    with f.store.run(BUCKETS, low, "t") as run:
+        run.render(Inline())
+        written = {p for b in BUCKETS for p, _ in packs_on_disk(f.processed, b)} - old
+        new_bytes = sum(os.path.getsize(p) for p in written)
+        # Counting every pack on disk, replaced records would fill more than half of them.
+        assert needs_compaction(new_bytes, new_bytes + sum(os.path.getsize(p) for p in old), len(old) + len(written))
+        assert run.compact() == []
+        done = run.commit()
+    assert done.rendered == 14
+    assert {p for b in BUCKETS for p, _ in packs_on_disk(f.processed, b)} == written == {r["path"] for r in f.rows().values()}
+
+    stray = f.processed / "p24x32" / "pack-1-deadbeef0000.bin"
+    stray.write_bytes(b"left by a killed run")
+    with f.store.run(BUCKETS, low, "t") as run:
+        assert not run.unchanged and run.to_render == 0
+        run.render(Inline())
+        assert run.compact() == []
+        run.commit()
+    assert not stray.exists() and {p for b in BUCKETS for p, _ in packs_on_disk(f.processed, b)} == written
+    with f.store.run(BUCKETS, low, "t") as run:
+        assert run.unchanged
 
 
 def test_buckets_without_samples_and_gone_stores(tmp_path):
