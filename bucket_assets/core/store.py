@@ -50,7 +50,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from bucket_assets.core.atomic import remove_stale_temps
-from bucket_assets.core.db import table_exists, transaction
+from bucket_assets.core.db import streaming, table_exists, transaction
 from bucket_assets.core.failpoints import failpoint
 from bucket_assets.core.journal import read_batches
 from bucket_assets.core.processing import (
@@ -250,10 +250,11 @@ class StoreRun:
             params = {"buckets": self.buckets, **fingerprint_params(self.params)}
             # Decided once, into the run's staging dir; what follows reads that file (a no-op's
             # check included: the aggregate would cost as much as the join it summarises).
-            # The full cap: at 1M images a rebuild removing a tar ran out of DuckDB memory here
-            # under the 256MB stream cap ("failed to pin block", scale.py sixth run).
-            con.execute(f"COPY ({decided}) TO $out (FORMAT parquet, ROW_GROUP_SIZE {self.batch_rows})",
-                        {**params, "out": str(self.decided)})
+            # Under the stream cap: at 1M images this join under the full cap took the build
+            # to 1.5 GB; under 256MB it spills (measured on the 1M work DB: 486 MB, 12.7 s).
+            with streaming(con):
+                con.execute(f"COPY ({decided}) TO $out (FORMAT parquet, ROW_GROUP_SIZE {self.batch_rows})",
+                            {**params, "out": str(self.decided)})
             counts = con.execute(
                 "SELECT bucket_id, count(*), count(*) FILTER (WHERE NOT reuse), count(*) FILTER (WHERE NOT as_committed) "
                 "FROM read_parquet($src) GROUP BY bucket_id", {"src": str(self.decided)}).fetchall()
@@ -268,12 +269,15 @@ class StoreRun:
                     self.unchanged = True
                     return
             kept = ", ".join(f'"prev_{c}" AS "{c}"' if (c, t) in _RESULT_COLUMNS else f'"{c}"' for c, t in COLUMNS)
-            self._copy(con, f"SELECT {kept} FROM read_parquet($src) WHERE reuse ORDER BY bucket_id, key",
-                       self.decided, self.kept)
-            # Rendered in source order (file, then offset or row): each tar and parquet file is read
-            # front to back, and a worker reads each parquet row group's images once.
-            self._copy(con, f"SELECT {', '.join(TASK_COLUMNS)} FROM read_parquet($src) WHERE NOT reuse "
-                            "ORDER BY location, data_offset, bucket_id, key", self.decided, self.todo)
+            # The kept rows are not sorted: every reader of the table orders what it reads, and
+            # at 1M images this sort of wide rows ran out of DuckDB memory under the 256MB
+            # stream cap ("failed to pin block", scale.py sixth run, a rebuild removing a tar).
+            with streaming(con):
+                self._copy(con, f"SELECT {kept} FROM read_parquet($src) WHERE reuse", self.decided, self.kept)
+                # Rendered in source order (file, then offset or row): each tar and parquet file
+                # is read front to back, and a worker reads each parquet row group's images once.
+                self._copy(con, f"SELECT {', '.join(TASK_COLUMNS)} FROM read_parquet($src) WHERE NOT reuse "
+                                "ORDER BY location, data_offset, bucket_id, key", self.decided, self.todo)
 
     def _copy(self, con, select: str, src: Path, out: Path) -> None:
         con.execute(f"COPY ({select}) TO $out (FORMAT parquet, ROW_GROUP_SIZE {self.batch_rows})",
