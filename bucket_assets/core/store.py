@@ -35,7 +35,9 @@ digest) gets no SQL fingerprint: such a sample is simply rendered again.
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import itertools
+import json
 import os
 import shutil
 import uuid
@@ -50,7 +52,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from bucket_assets.core.atomic import remove_stale_temps
-from bucket_assets.core.db import streaming, table_exists, transaction
+from bucket_assets.core.db import VERSIONS_TABLE, derived_version, streaming, table_exists, transaction
 from bucket_assets.core.failpoints import failpoint
 from bucket_assets.core.journal import read_batches
 from bucket_assets.core.processing import (
@@ -96,6 +98,12 @@ FINGERPRINT_SQL = """sha256(
     || CASE WHEN source_sha256 IS NULL THEN 'null'
             WHEN regexp_full_match(source_sha256, $json_plain) THEN '"' || source_sha256 || '"' END
     || $fp_tail)"""
+
+# The tables PLAN_SQL reads: with their versions (core.db) and the run's settings the same, a
+# bucket whose committed rows and packs on disk are those recorded at its last commit is not
+# planned at all (StoreRun._current_versions).
+PLAN_INPUTS = ["raw_index", "filtered_images", "bucket_assignments"]
+_VERSION_PREFIX = f"{TABLE}:"
 
 # What RenderTask needs of each planned sample (named as its fields).
 TASK_COLUMNS = ["image_id", "bucket_id", "key", "source_sha256", "location", "member", "data_offset", "byte_size",
@@ -219,6 +227,8 @@ class StoreRun:
         every planned sample keeps its committed row as it is (a no-op), the run then renders,
         moves and commits nothing."""
         with self.store.connect() as con:
+            if self._unchanged_by_version(con):
+                return
             self._load_packs(con)
             self._load_journals(con)
             cand = ["SELECT 0 AS origin, seq, image_id AS cand_image_id, "
@@ -278,6 +288,50 @@ class StoreRun:
                 # is read front to back, and a worker reads each parquet row group's images once.
                 self._copy(con, f"SELECT {', '.join(TASK_COLUMNS)} FROM read_parquet($src) WHERE NOT reuse "
                                 "ORDER BY location, data_offset, bucket_id, key", self.decided, self.todo)
+
+    def _current_versions(self, con) -> dict[str, str] | None:
+        """bucket -> the version its committed rows have if they are what a plan would keep: a
+        digest of the plan inputs' versions, the settings and SQL of the plan, the bucket's
+        committed row count and its packs on disk (path and size; a pack cut short or gone, or
+        a stray one, changes it). None when an input has no version."""
+        base = derived_version(con, PLAN_INPUTS, {"plan": PLAN_SQL, "fingerprint": FINGERPRINT_SQL,
+                                                   "columns": COLUMNS, "params": fingerprint_params(self.params)})
+        if base is None or not table_exists(con, TABLE):
+            return None
+        counts = dict(con.execute(f'SELECT bucket_id, count(*) FROM "{TABLE}" WHERE list_contains($buckets, bucket_id) '
+                                  "GROUP BY bucket_id", {"buckets": self.buckets}).fetchall())
+        return {b: hashlib.sha256(json.dumps([base, b, counts.get(b, 0), sorted(packs_on_disk(self.processed_dir, b))])
+                                  .encode()).hexdigest() for b in self.buckets}
+
+    def _recorded_versions(self, con) -> dict[str, str]:
+        if not table_exists(con, VERSIONS_TABLE):
+            return {}
+        names = [_VERSION_PREFIX + b for b in self.buckets]
+        return {n[len(_VERSION_PREFIX):]: v for n, v in con.execute(
+            f'SELECT name, version FROM "{VERSIONS_TABLE}" WHERE list_contains($names, name)', {"names": names}).fetchall()}
+
+    def _unchanged_by_version(self, con) -> bool:
+        """A no-op decided without the plan: no journal, and every bucket's current version is
+        the one recorded when it was last committed."""
+        if any(journal_path(self.processed_dir, b).exists() for b in self.buckets):
+            return False
+        current = self._current_versions(con)
+        if current is None or self._recorded_versions(con) != current:
+            return False
+        counts = dict(con.execute(f'SELECT bucket_id, count(*) FROM "{TABLE}" WHERE list_contains($buckets, bucket_id) '
+                                  "GROUP BY bucket_id", {"buckets": self.buckets}).fetchall())
+        self.planned = {b: (counts.get(b, 0), 0) for b in self.buckets}
+        self.unchanged = True
+        return True
+
+    def _record_versions(self, con, versions: dict[str, str] | None) -> None:
+        """Record these buckets' versions (after the commit and the prune); None forgets them."""
+        with transaction(con, VERSIONS_TABLE):
+            con.execute(f'CREATE TABLE IF NOT EXISTS "{VERSIONS_TABLE}" (name VARCHAR, version VARCHAR)')
+            con.execute(f'DELETE FROM "{VERSIONS_TABLE}" WHERE list_contains($names, name)',
+                        {"names": [_VERSION_PREFIX + b for b in self.buckets]})
+            for b, v in (versions or {}).items():
+                con.execute(f'INSERT INTO "{VERSIONS_TABLE}" VALUES (?, ?)', [_VERSION_PREFIX + b, v])
 
     def _copy(self, con, select: str, src: Path, out: Path) -> None:
         con.execute(f"COPY ({select}) TO $out (FORMAT parquet, ROW_GROUP_SIZE {self.batch_rows})",
@@ -403,12 +457,14 @@ class StoreRun:
             if not self._as_committed(con):
                 with transaction(con, TABLE):
                     _ensure_table(con)
+                    self._record_versions(con, None)  # recorded again once pruned
                     con.execute(f'DELETE FROM "{TABLE}" WHERE list_contains($buckets, bucket_id)', {"buckets": self.buckets})
                     if params["src"]:
                         con.execute(f'INSERT INTO "{TABLE}" BY NAME SELECT * FROM ({rows})', params)
             for b in self.buckets:
                 journal_path(self.processed_dir, b).unlink(missing_ok=True)
             self.prune(con)
+            self._record_versions(con, self._current_versions(con))
             return self._summary(con)
 
     def _as_committed(self, con) -> bool:

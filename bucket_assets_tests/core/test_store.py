@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from bucket_assets.core.db import connect
+from bucket_assets.core.db import connect, set_table_version
 from bucket_assets.core.processing import (
     JOURNAL_NAME,
     PROCESSED_SCHEMA,
@@ -34,6 +34,7 @@ from bucket_assets.core.store import (
     BATCH_ROWS,
     FINGERPRINT_SQL,
     STAGING_PREFIX,
+    PLAN_INPUTS,
     ImageStore,
     fingerprint_params,
     packs_on_disk,
@@ -170,6 +171,56 @@ def test_a_no_op_stages_nothing_to_render_or_keep_and_commits_nothing(tmp_path):
         run.finish()
     rows = f.rows()
     assert rows["p32x24/img0_001"]["image_id"] == "img0_001" and rows["p32x24/img0_000"]["error"] == "marker"
+
+
+def test_a_no_op_by_version_runs_no_plan_and_anything_that_changes_the_plan_does(tmp_path):
+    """With versioned plan inputs, a bucket whose committed rows and packs are as recorded is
+    not planned at all (no decided file); a new input version, other settings, a pack cut
+    short, a stray pack, a deleted row or a killed run's journal each take the full plan."""
+    f = Fixture(tmp_path)
+    f.build()
+
+    def planned(params=PARAMS) -> bool:
+        with f.store.run(BUCKETS, params, "t") as run:
+            ran = run.decided.exists()
+            assert (ran or run.unchanged) and (run.samples, run.to_render) == (14, 0), (ran, run.samples, run.to_render)
+            run.render(Inline())
+            run.finish()
+        return ran
+
+    assert planned() is True and planned() is True  # inputs without versions: always planned
+    with f.con() as con:
+        for t in PLAN_INPUTS:
+            set_table_version(con, t, f"{t}-v1")
+    assert planned() is True  # no version recorded yet: planned once, then recorded
+    assert planned() is False and planned() is False
+    rows = f.rows()
+    with f.con() as con:
+        set_table_version(con, "filtered_images", "filtered_images-v2")
+    assert planned() is True and planned() is False
+    with f.store.run(BUCKETS, RenderParams("reencode_jpeg", 80, "adaptive_scale", 0.85, 10**8), "t") as run:
+        assert not run.unchanged and run.to_render == 14
+    (pack, size), = packs_on_disk(f.processed, "p24x32")
+    with open(pack, "r+b") as fh:
+        fh.truncate(size - 1)
+    with f.store.run(BUCKETS, PARAMS, "t") as run:
+        assert not run.unchanged and run.to_render == 1
+        run.render(Inline())
+        run.finish()
+    assert planned() is False
+    stray = f.processed / "p32x24" / "pack-1-deadbeef0000.bin"
+    stray.write_bytes(b"left by a killed run")
+    assert planned() is True and not stray.exists() and planned() is False
+    f.sql("DELETE FROM processed_images WHERE key = 'img0_003'")
+    with f.store.run(BUCKETS, PARAMS, "t") as run:
+        assert not run.unchanged and run.to_render == 1
+        run.render(Inline())
+        run.finish()
+    assert planned() is False
+    journal_path(f.processed, "p32x24").write_text("")
+    assert planned() is True and planned() is False
+    assert {k: {c: v for c, v in r.items() if c not in ("path", "pack_offset")} for k, r in f.rows().items()} == {
+        k: {c: v for c, v in r.items() if c not in ("path", "pack_offset")} for k, r in rows.items()}
 
 
 def test_changed_fingerprints_render_again(tmp_path):
