@@ -47,7 +47,7 @@ from bucket_assets.core.shards import (
     PlannedShard,
     iter_sample_plan,
     plan_bucket_shards,
-    plan_digests,
+    plan_digests_and_ranges,
     range_digests,
     write_sample_plan,
 )
@@ -310,7 +310,7 @@ class ShardWriter:
         plan = self.tmp_dir / f"sample-plan-{token}.parquet"
         with self.connect() as con, streaming(con):
             has_plan = table_exists(con, "processed_images")
-            raw = plan_digests(con, keys) if has_plan else {}
+            raw, ranges = plan_digests_and_ranges(con, keys) if has_plan else ({}, {})
             digests = {b: bucket_digest(raw.get(b), self.max_samples, self.max_bytes) for b in keys}
             recorded = recorded_shards(con, keys)
             per_bucket: dict[str, list[dict]] = {b: [] for b in keys}
@@ -321,7 +321,7 @@ class ShardWriter:
             kept = [b for b in keys if ready and bucket_unchanged(self.out_dir, b in raw, digests[b], per_bucket[b])]
             kept_set = set(kept)
             todo = [b for b in keys if b not in kept_set]
-            first = self._first_changed(con, [b for b in todo if ready and b in raw], per_bucket) if has_plan else {}
+            first = self._first_changed([b for b in todo if ready and b in raw], per_bucket, ranges)
             if has_plan and todo:
                 # Spilled to a file so the DB lock is not held while shards are written.
                 write_sample_plan(con, todo, plan, {b: per_bucket[b][i - 1]["last_key"] for b, i in first.items()})
@@ -354,14 +354,15 @@ class ShardWriter:
         return ShardSummary(rows, sum(1 for b in keys if b in raw), len(kept), len(first),
                             len(kept_rows) + len(standing) + run.unchanged, run.built, run.rewritten, wrote)
 
-    def _first_changed(self, con, buckets: list[str], per_bucket: dict[str, list[dict]]) -> dict[str, int]:
+    def _first_changed(self, buckets: list[str], per_bucket: dict[str, list[dict]],
+                       now: dict[tuple[str, int], tuple[int, int, int] | None]) -> dict[str, int]:
         """bucket -> the index of the first shard to plan again, for the changed buckets whose
         first shards stand. Shard i stands while the digest of its key range is the one recorded
         and its file is the one recorded; the split is sequential, so the last shard of that run
         of matches is planned again with everything after it (a sample added after it may belong
-        to it). Buckets with fewer than two such shards are planned whole (absent)."""
+        to it). Buckets with fewer than two such shards are planned whole (absent). `now`: the
+        range digests of the plan (shards.plan_digests_and_ranges)."""
         cand = {b: 0 for b in buckets if per_bucket[b] and all(r.get("range_digest") for r in per_bucket[b])}
-        now = range_digests(con, cand)
         out: dict[str, int] = {}
         for b in cand:
             m = 0

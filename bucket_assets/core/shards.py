@@ -254,18 +254,26 @@ def sample_meta(row: dict, bucket_id: str) -> bytes:
 
 # The ordered sample list of each bucket: what its shards will hold. jpg_sha256 is the stored
 # JPEG's sha256 (processed_images), so a shard's content is known without reading the store.
-SAMPLE_ROWS_SQL = """
+_SAMPLE_ROWS = """
 SELECT p.bucket_id, p.bytes AS jpg_bytes, p.sha256 AS jpg_sha256, p.key, p.path, p.pack_offset, p.image_id,
        r.source, a.src_w, a.src_h,
        a.target_w, a.target_h, sc.text, sc.caption_variant, sc.caption_selector_index,
        sc.caption_source_id, r.url, r.similarity, r.nsfw, r.license, r.source_meta
-FROM processed_images p
+FROM {processed} p
 JOIN bucket_assignments a ON a.image_id = p.image_id AND a.bucket_id = p.bucket_id
 JOIN selected_captions sc ON sc.image_id = p.image_id
 JOIN filtered_images f ON f.image_id = p.image_id AND f.decision = 'keep'
 JOIN raw_index r ON r.row_id = f.row_id
 WHERE list_contains($buckets, p.bucket_id) AND p.status = 'ok' AND sc.status <> 'dropped'
 """
+SAMPLE_ROWS_SQL = _SAMPLE_ROWS.format(processed="processed_images")
+# The same rows of the samples after a key per bucket ($after_b, $after_k; a NULL key: all of
+# them): the store's rows are cut before the joins, so a bucket planned from its last shard joins
+# that shard's samples, not the whole bucket's.
+_SAMPLE_ROWS_AFTER = _SAMPLE_ROWS.format(processed="""(
+    SELECT pi.* FROM processed_images pi
+    JOIN (SELECT unnest($after_b::VARCHAR[]) AS bucket_id, unnest($after_k::VARCHAR[]) AS after_key) x
+      ON x.bucket_id = pi.bucket_id AND (x.after_key IS NULL OR pi.key > x.after_key))""")
 SAMPLE_PLAN_SQL = SAMPLE_ROWS_SQL + "ORDER BY p.bucket_id, p.key\n"
 
 # Every plan column that goes into a shard's bytes (the key order and the split included): not
@@ -277,49 +285,65 @@ DIGEST_COLUMNS = (
 )
 
 
-def plan_digests(con, bucket_ids: list[str]) -> dict[str, tuple[int, int, int] | None]:
-    """Per bucket that has samples: (count, sum, bit_xor) of two DuckDB hashes of each sample's
-    DIGEST_COLUMNS, order-independent aggregates computed where the plan is (no row reaches
-    Python). Equal digests mean equal sample lists, so equal shards. None for a bucket with a
-    sample whose JPEG sha256 is unknown (a store row from before it was recorded)."""
+def _shard_aggregates(con, samples: str, params: dict, bucket_ids: list[str]) -> list[tuple]:
+    """(bucket_id, shard_index, count, sum, bit_xor, unknown) over the samples of `samples` (SQL of
+    sample-plan rows) of these buckets: two DuckDB hashes of each sample's DIGEST_COLUMNS summed
+    and xor-ed (order-independent aggregates; `unknown` counts samples whose JPEG sha256 is not
+    known), per recorded shard of the bucket whose key range holds the sample (after the previous
+    shard's last key, up to its own; keys before the first shard count in it). shard_index is NULL
+    for the samples after a bucket's last recorded shard, or of a bucket without shard rows. The
+    hashes are taken before the ASOF join, so it sorts narrow rows. Bounded by the shard count."""
     cols = ", ".join(DIGEST_COLUMNS)
-    rows = con.execute(
-        f"""SELECT bucket_id, count(*), sum(hash({cols})::HUGEINT), bit_xor(hash({cols}, 'digest')),
-                   count(*) FILTER (WHERE jpg_sha256 IS NULL OR jpg_sha256 = '')
-            FROM ({SAMPLE_ROWS_SQL}) GROUP BY bucket_id""",
-        {"buckets": list(bucket_ids)},
-    ).fetchall()
-    return {b: None if unknown else (int(n), int(s), int(x)) for b, n, s, x, unknown in rows}
-
-
-def range_digests(con, starts: dict[str, int], plan: str | os.PathLike | None = None
-                  ) -> dict[tuple[str, int], tuple[int, int, int] | None]:
-    """Per shard_files row of the buckets in `starts` from shard index `starts[bucket]` on: the
-    plan_digests aggregates of the planned samples whose keys fall in its key range (after the
-    previous shard's last key, up to its own; keys before the first shard count in it), as
-    (bucket_id, shard_index) -> (count, sum, bit_xor), None where a JPEG sha256 is unknown. A
-    shard no planned sample falls in is missing. Bounded by the shard count. The samples are the
-    plan's (SAMPLE_ROWS_SQL), or those of a sample plan file written by write_sample_plan with
-    these starts (it holds only the samples of those shards: a rebuild reads what it planned
-    instead of joining every sample of the buckets again)."""
-    if not starts or not table_exists(con, "shard_files"):
-        return {}
-    if "last_key" not in {r[0] for r in con.execute("DESCRIBE shard_files").fetchall()}:
-        return {}  # a work dir from before key ranges were recorded: every shard is planned
-    cols = ", ".join(f"s.{c}" for c in DIGEST_COLUMNS)
-    rows = con.execute(
-        f"""WITH s AS ({SAMPLE_ROWS_SQL if plan is None else "SELECT * FROM read_parquet($plan)"}),
-                 f AS (SELECT bucket_id, shard_index, last_key FROM shard_files WHERE list_contains($buckets, bucket_id))
-            SELECT f.bucket_id, f.shard_index, count(*), sum(hash({cols})::HUGEINT), bit_xor(hash({cols}, 'digest')),
-                   count(*) FILTER (WHERE s.jpg_sha256 IS NULL OR s.jpg_sha256 = '')
-            FROM s ASOF JOIN f ON f.bucket_id = s.bucket_id AND s.key <= f.last_key
-            JOIN (SELECT unnest($buckets::VARCHAR[]) AS bucket_id, unnest($starts::INTEGER[]) AS start) x
-              ON x.bucket_id = f.bucket_id AND f.shard_index >= x.start
+    ranged = table_exists(con, "shard_files") and "last_key" in {
+        r[0] for r in con.execute("DESCRIBE shard_files").fetchall()}  # a work dir from before key ranges: none
+    f = ("SELECT bucket_id, shard_index, last_key FROM shard_files WHERE list_contains($buckets, bucket_id)" if ranged
+         else "SELECT NULL::VARCHAR AS bucket_id, NULL::INTEGER AS shard_index, NULL::VARCHAR AS last_key WHERE false")
+    return con.execute(
+        f"""WITH s AS (SELECT bucket_id, key, hash({cols})::HUGEINT AS h1, hash({cols}, 'digest') AS h2,
+                              jpg_sha256 IS NULL OR jpg_sha256 = '' AS unknown
+                       FROM ({samples}) WHERE list_contains($buckets, bucket_id)),
+                 f AS ({f})
+            SELECT s.bucket_id, f.shard_index, count(*), sum(h1), bit_xor(h2), count(*) FILTER (WHERE unknown)
+            FROM s ASOF LEFT JOIN f ON f.bucket_id = s.bucket_id AND s.key <= f.last_key
             GROUP BY ALL""",
-        {"buckets": list(starts), "starts": [int(v) for v in starts.values()],
-         **({} if plan is None else {"plan": str(plan)})},
+        {**params, "buckets": list(bucket_ids)},
     ).fetchall()
-    return {(b, int(i)): None if unknown else (int(n), int(sm), int(x)) for b, i, n, sm, x, unknown in rows}
+
+
+Digest = tuple[int, int, int]  # (count, sum, bit_xor)
+
+
+def plan_digests_and_ranges(con, bucket_ids: list[str]
+                            ) -> tuple[dict[str, Digest | None], dict[tuple[str, int], Digest | None]]:
+    """In one pass over the plan (SAMPLE_ROWS_SQL): per bucket that has samples, (count, sum,
+    bit_xor) of two DuckDB hashes of each sample's DIGEST_COLUMNS, computed where the plan is (no
+    row reaches Python): equal digests mean equal sample lists, so equal shards; and the same
+    aggregates per recorded shard of the bucket over the samples in its key range, as
+    (bucket_id, shard_index) -> digest (a shard no sample falls in is missing). None where a
+    JPEG sha256 is unknown (a store row from before it was recorded)."""
+    totals: dict[str, list[int]] = {}
+    ranges: dict[tuple[str, int], Digest | None] = {}
+    for b, i, n, sm, x, unknown in _shard_aggregates(con, SAMPLE_ROWS_SQL, {}, bucket_ids):
+        t = totals.setdefault(b, [0, 0, 0, 0])
+        t[0], t[1], t[2], t[3] = t[0] + n, t[1] + int(sm), t[2] ^ int(x), t[3] + unknown
+        if i is not None:
+            ranges[(b, int(i))] = None if unknown else (int(n), int(sm), int(x))
+    return {b: None if u else (n, sm, x) for b, (n, sm, x, u) in totals.items()}, ranges
+
+
+def plan_digests(con, bucket_ids: list[str]) -> dict[str, Digest | None]:
+    """The per-bucket digests of plan_digests_and_ranges."""
+    return plan_digests_and_ranges(con, bucket_ids)[0]
+
+
+def range_digests(con, starts: dict[str, int], plan: str | os.PathLike) -> dict[tuple[str, int], Digest | None]:
+    """Per shard_files row of the buckets in `starts` from shard index `starts[bucket]` on: the
+    digest of the samples of a sample plan file written by write_sample_plan with these starts
+    (it holds only the samples of those shards) that fall in its key range, as in
+    plan_digests_and_ranges."""
+    rows = _shard_aggregates(con, "SELECT * FROM read_parquet($plan)", {"plan": str(plan)}, list(starts))
+    return {(b, int(i)): None if unknown else (int(n), int(sm), int(x))
+            for b, i, n, sm, x, unknown in rows if i is not None and int(i) >= starts[b]}
 
 
 PLAN_ROW_GROUP = 8192  # rows per row group of the plan file: what a reader decodes at a time
@@ -331,12 +355,9 @@ def write_sample_plan(con, bucket_ids: list[str], path: str | os.PathLike, after
     only its samples with keys after that key (its earlier shards stand)."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(path).with_name(f"{TMP_PREFIX}{Path(path).name}")
-    after = after or {}
+    after = {b: (after or {}).get(b) for b in bucket_ids}
     con.execute(
-        f"""COPY (SELECT s.* FROM ({SAMPLE_ROWS_SQL}) s
-                  LEFT JOIN (SELECT unnest($after_b::VARCHAR[]) AS bucket_id, unnest($after_k::VARCHAR[]) AS after_key) x USING (bucket_id)
-                  WHERE x.after_key IS NULL OR s.key > x.after_key
-                  ORDER BY s.bucket_id, s.key)
+        f"""COPY ({_SAMPLE_ROWS_AFTER} ORDER BY p.bucket_id, p.key)
             TO '{_sql_path(tmp)}' (FORMAT parquet, ROW_GROUP_SIZE {PLAN_ROW_GROUP})""",
         {"buckets": list(bucket_ids), "after_b": list(after), "after_k": list(after.values())},
     )

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
+import operator
 import os
 import tarfile
 
@@ -496,3 +498,41 @@ def test_plan_digests_cover_every_plan_column_that_makes_shard_bytes():
     # A JPEG whose sha256 is unknown: no digest, the bucket is always planned.
     con.execute("UPDATE processed_images SET sha256 = NULL WHERE image_id = 'c'")
     assert plan_digests(con, ["b1", "b2"])["b2"] is None
+
+
+def test_one_pass_gives_each_shard_its_key_range_and_the_bucket_the_sum(tmp_path):
+    """plan_digests_and_ranges: each recorded shard's digest covers the samples in its key range
+    (keys before the first shard count in it, keys after the last in none), equal to what
+    range_digests computes from a plan file; the bucket's digest combines every sample's."""
+    from bucket_assets.core.shards import plan_digests_and_ranges, range_digests, write_sample_plan
+
+    con = _plan_db()
+    con.execute("""INSERT INTO processed_images VALUES ('d', 'b1', 'kd', 'pack-1.bin', 22, 'ok', 9, 'sha-d'),
+                   ('e', 'b1', 'ke', 'pack-1.bin', 31, 'ok', 8, 'sha-e')""")
+    for t, sql in [("bucket_assignments", "SELECT image_id, bucket_id, 64, 48, 32, 24 FROM processed_images"),
+                   ("selected_captions", "SELECT image_id, 'caption ' || image_id, 'alt_text', 0, 1, 'selected' FROM processed_images"),
+                   ("filtered_images", "SELECT image_id, row_number() OVER (ORDER BY image_id), 'keep' FROM processed_images"),
+                   ("raw_index", "SELECT row_id, 'laion', 'http://x/' || image_id, 0.3, 'UNLIKELY', NULL, '{}' FROM filtered_images")]:
+        con.execute(f"DELETE FROM {t}; INSERT INTO {t} {sql}")
+    whole, none = plan_digests_and_ranges(con, ["b1", "b2"])
+    assert none == {} and whole["b1"][0] == 4 and whole["b2"][0] == 1  # no shard_files yet
+    # b1: shard 0 ends at kb (ka, kb), shard 1 at kd (kd); ke comes after the last shard.
+    con.execute("""CREATE TABLE shard_files AS SELECT * FROM (VALUES ('b1', 0, 'kb'), ('b1', 1, 'kd'), ('b2', 0, 'kc'))
+                   t(bucket_id, shard_index, last_key)""")
+    totals, ranges = plan_digests_and_ranges(con, ["b1", "b2"])
+    assert totals == whole
+    assert {k: v[0] for k, v in ranges.items()} == {("b1", 0): 2, ("b1", 1): 1, ("b2", 0): 1}
+    # With ke gone every sample lies in a shard: each bucket's digest combines its shards'.
+    con.execute("DELETE FROM processed_images WHERE key = 'ke'")
+    totals, ranges = plan_digests_and_ranges(con, ["b1", "b2"])
+    for b in ("b1", "b2"):
+        parts = [v for (bb, _), v in ranges.items() if bb == b]
+        assert (sum(p[0] for p in parts), sum(p[1] for p in parts),
+                functools.reduce(operator.xor, (p[2] for p in parts))) == totals[b]
+    write_sample_plan(con, ["b1", "b2"], tmp_path / "plan.parquet", {"b1": "kb"})
+    assert range_digests(con, {"b1": 1, "b2": 0}, tmp_path / "plan.parquet") == {
+        k: v for k, v in ranges.items() if k != ("b1", 0)}
+    # A sample's JPEG sha256 unknown: its shard's and its bucket's digests are None.
+    con.execute("UPDATE processed_images SET sha256 = NULL WHERE key = 'kd'")
+    totals, ranges = plan_digests_and_ranges(con, ["b1", "b2"])
+    assert totals["b1"] is None and ranges[("b1", 1)] is None and ranges[("b1", 0)] is not None
