@@ -16,9 +16,11 @@ which is also how the metadata DB's lock is free while pixels are rendered and r
     compact             (lock) live bytes per bucket against its packs; the live rows of each
                         bucket to compact, in key order -> compact-src.parquet; (no lock) their
                         records copied into one new pack per bucket -> moved.parquet
-    commit   (DB lock)  one transaction: the partitions' rows replaced by kept + results (with
-                        the moved locations); then the journals are removed; prune: files of
-                        these buckets that no committed row references are deleted
+    commit   (DB lock)  one transaction: the partitions' rows become kept + results (with the
+                        moved locations): without moves, only the committed rows the plan does
+                        not keep as they are go and only the other rows are inserted; then the
+                        journals are removed; prune: files of these buckets that no committed
+                        row references are deleted
 
 Reuse: a planned sample keeps a candidate row when the row's fingerprint equals the one SQL
 computes for the plan row and either its status is not `ok` (a failure is a result too) or its
@@ -204,6 +206,7 @@ class StoreRun:
         self.planned: dict[str, tuple[int, int]] = {}  # bucket -> (samples, to render)
         self.journal_rows = 0  # rows a killed run journaled (loaded by plan)
         self.unchanged = False  # plan found every committed row as it is: nothing to render, move or commit
+        self.complete = False  # the committed table has every column (not a work dir from before one was added)
 
     def close(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
@@ -233,10 +236,9 @@ class StoreRun:
             self._load_journals(con)
             cand = ["SELECT 0 AS origin, seq, image_id AS cand_image_id, "
                     + ", ".join(f'"{c}"' for c, _ in COLUMNS if c != "image_id") + " FROM _store_journal"]
-            complete = False  # the committed table has every column (not a work dir from before one was added)
             if table_exists(con, TABLE):
                 have = {r[0] for r in con.execute(f'DESCRIBE "{TABLE}"').fetchall()}
-                complete = all(c in have for c, _ in COLUMNS)
+                self.complete = all(c in have for c, _ in COLUMNS)
                 cols = ", ".join(f'CAST("{c}" AS {t}) AS "{c}"' if c in have else f'NULL::{t} AS "{c}"'
                                  for c, t in COLUMNS if c != "image_id")
                 cand.append(f'SELECT 1 AS origin, 0 AS seq, {"image_id" if "image_id" in have else "NULL"} AS cand_image_id, '
@@ -269,7 +271,7 @@ class StoreRun:
                 "SELECT bucket_id, count(*), count(*) FILTER (WHERE NOT reuse), count(*) FILTER (WHERE NOT as_committed) "
                 "FROM read_parquet($src) GROUP BY bucket_id", {"src": str(self.decided)}).fetchall()
             self.planned = {b: (0, 0) for b in self.buckets} | {b: (n, r) for b, n, r, _ in counts}
-            if complete and not self.journal_rows:
+            if self.complete and not self.journal_rows:
                 committed = con.execute(f'SELECT count(*) FROM "{TABLE}" WHERE list_contains($buckets, bucket_id)',
                                         {"buckets": self.buckets}).fetchone()[0]
                 live = _pack_use(con, f'SELECT * FROM "{TABLE}" WHERE list_contains($buckets, bucket_id)',
@@ -278,7 +280,9 @@ class StoreRun:
                         and not self._due_for_compaction(live) and not self._unreferenced_packs(live)):
                     self.unchanged = True
                     return
+            # as_committed: the kept row is the committed row itself, which the commit leaves in place.
             kept = ", ".join(f'"prev_{c}" AS "{c}"' if (c, t) in _RESULT_COLUMNS else f'"{c}"' for c, t in COLUMNS)
+            kept += ", as_committed"
             # The kept rows are not sorted: every reader of the table orders what it reads, and
             # at 1M images this sort of wide rows ran out of DuckDB memory under the 256MB
             # stream cap ("failed to pin block", scale.py sixth run, a rebuild removing a tar).
@@ -447,20 +451,37 @@ class StoreRun:
     def commit(self) -> StoreSummary:
         """Replace the partitions' rows with this run's in one transaction, then drop the
         journals and prune the packs nothing references. Returns what the partitions hold."""
+        cols = ", ".join(f'"{c}"' for c, _ in COLUMNS)
         rows = "SELECT * FROM read_parquet($src, union_by_name = true)"
         if self.moved.exists():
             rows = f"""SELECT s.* REPLACE (coalesce(m.path, s.path) AS path,
                                            coalesce(m.pack_offset, s.pack_offset) AS pack_offset)
                        FROM ({rows}) s LEFT JOIN read_parquet($moved) m ON m.bucket_id = s.bucket_id AND m.key = s.key"""
         params = {"src": self._staged(), **({"moved": str(self.moved)} if self.moved.exists() else {})}
+        mine = {"buckets": self.buckets}
         with self.store.connect() as con:
             if not self._as_committed(con):
                 with transaction(con, TABLE):
                     _ensure_table(con)
                     self._record_versions(con, None)  # recorded again once pruned
-                    con.execute(f'DELETE FROM "{TABLE}" WHERE list_contains($buckets, bucket_id)', {"buckets": self.buckets})
-                    if params["src"]:
-                        con.execute(f'INSERT INTO "{TABLE}" BY NAME SELECT * FROM ({rows})', params)
+                    if self.complete and self.kept.exists() and not self.moved.exists():
+                        # Only what changed is written: a committed row the plan keeps as it is
+                        # stays (at 1M images, replacing every row cost more than adding a tar's).
+                        con.execute(
+                            f"""DELETE FROM "{TABLE}" t WHERE list_contains($buckets, t.bucket_id) AND NOT EXISTS (
+                                    SELECT 1 FROM read_parquet($kept) k
+                                    WHERE k.as_committed AND k.bucket_id = t.bucket_id AND k.key = t.key)""",
+                            {**mine, "kept": str(self.kept)})
+                        con.execute(f'INSERT INTO "{TABLE}" BY NAME SELECT {cols} FROM ({rows}) '
+                                    "WHERE as_committed IS NOT TRUE", params)
+                    else:
+                        con.execute(f'DELETE FROM "{TABLE}" WHERE list_contains($buckets, bucket_id)', mine)
+                        if params["src"]:
+                            con.execute(f'INSERT INTO "{TABLE}" BY NAME SELECT {cols} FROM ({rows})', params)
+                    n = con.execute(f'SELECT count(*) FROM "{TABLE}" WHERE list_contains($buckets, bucket_id)',
+                                    mine).fetchone()[0]
+                    if n != self.samples:  # rolled back: the rows a plan of these samples leaves, or none
+                        raise RuntimeError(f"{TABLE}: the commit left {n} rows for {self.samples} planned samples")
             for b in self.buckets:
                 journal_path(self.processed_dir, b).unlink(missing_ok=True)
             self.prune(con)

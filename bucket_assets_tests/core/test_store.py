@@ -223,6 +223,60 @@ def test_a_no_op_by_version_runs_no_plan_and_anything_that_changes_the_plan_does
         k: {c: v for c, v in r.items() if c not in ("path", "pack_offset")} for k, r in rows.items()}
 
 
+class _Counting:
+    """A connection that records how many rows each DELETE / INSERT on processed_images wrote."""
+
+    def __init__(self, con, log):
+        self._con, self._log = con, log
+
+    def execute(self, sql, *args):
+        res = self._con.execute(sql, *args)
+        verb = sql.split(None, 1)[0].upper()
+        if verb in ("DELETE", "INSERT") and '"processed_images"' in sql:
+            self._log.append((verb, res.fetchone()[0]))
+        return res
+
+    def __getattr__(self, name):
+        return getattr(self._con, name)
+
+
+def test_a_rebuild_that_adds_and_removes_samples_writes_only_those_rows(tmp_path):
+    """The commit leaves every committed row the plan keeps as it is in place: only the removed
+    sample's row is deleted and only the new sample's row is inserted."""
+    from contextlib import contextmanager
+
+    f = Fixture(tmp_path)
+    f.build()
+    before = f.rows()
+    data = _jpeg(64, 48, 999)
+    src = tmp_path / "src" / "img0_new.jpg"
+    src.write_bytes(data)
+    f.sql("INSERT INTO raw_index VALUES (100, ?, ?, NULL, NULL, NULL, NULL, 64, 48)",
+          [hashlib.sha256(data).hexdigest(), str(src)])
+    f.sql("INSERT INTO filtered_images VALUES ('img0_new', 100, 'keep')")
+    f.sql("INSERT INTO bucket_assignments VALUES ('img0_new', 'p32x24', 'img0_new', 'ok', 0.5, 32, 24, 0, 0, 32, 24)")
+    f.sql("UPDATE filtered_images SET decision = 'too_small' WHERE image_id = 'img1_003'")
+    log: list = []
+
+    @contextmanager
+    def counting():
+        with f.con() as con:
+            yield _Counting(con, log)
+
+    f.store.connect = counting
+    done, n = f.build()
+    assert n == 1 and done.samples == 14 and [b.rendered for b in done.buckets] == [1, 0]
+    assert log == [("DELETE", 1), ("INSERT", 1)]
+    after = f.rows()
+    assert set(after) == set(before) - {"p24x32/img1_003"} | {"p32x24/img0_new"}
+    assert all(after[k] == before[k] for k in after if k in before)
+    assert hashlib.sha256(_read(after["p32x24/img0_new"])).hexdigest() == after["p32x24/img0_new"]["sha256"]
+    # Everything rendered again (another quality): every row is replaced.
+    log.clear()
+    done, n = f.build(RenderParams("reencode_jpeg", 80, "adaptive_scale", 0.85, 10**8))
+    assert n == 14 and log == [("DELETE", 14), ("INSERT", 14)]
+
+
 def test_changed_fingerprints_render_again(tmp_path):
     f = Fixture(tmp_path)
     f.build()
