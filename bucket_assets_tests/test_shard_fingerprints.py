@@ -518,3 +518,43 @@ def test_a_work_dir_from_before_fingerprints_compares_once_then_skips(built):
     assert _files(export) == before
     assert all(r[6] and r[11] for r in _shard_files(spec_path))
     assert _shard_meta(materialize_all(spec_path))["run_shards_unchanged"] == len(before)
+
+
+def test_verify_trusts_each_shards_own_jpegs_streamed_in_manifest_order(built, monkeypatch):
+    """export_verifies' trusted JPEGs come per shard (TrustedJpegs), not as one set of the
+    dataset's: each shard gets exactly the sha256 of its .jpg members, a shard asked out of
+    order or not recorded gets none (it is decoded), nothing is written before the first call,
+    and the file goes on exit. Verifying with it decodes no JPEG; the check reports it."""
+    import hashlib
+
+    import bucket_assets.core.manifest as manifest_mod
+    from bucket_assets.core.db import connect
+    from bucket_assets.core.shard_writer import TrustedJpegs
+
+    spec_path, export, work, _ = built
+    spec = load_spec(spec_path)
+    manifest = json.loads((export / "manifest.json").read_text())
+    order = [(b, sh["path"]) for b, entry in sorted(manifest["buckets"].items()) for sh in entry["shards"]]
+    assert len(order) > 3
+    own = {rel: frozenset(hashlib.sha256(parts["jpg"]).hexdigest() for _, parts in read_shard(export / rel))
+           for _, rel in order}
+    db = lambda: connect(spec.db_path)  # noqa: E731
+    with TrustedJpegs(db, work / "tmp", "t1") as trusted:
+        assert not trusted.path.exists()  # nothing written before the first call
+        got = {rel: trusted(b, rel) for b, rel in order}
+        assert trusted.path.exists()
+    assert got == own and not trusted.path.exists()
+    with TrustedJpegs(db, work / "tmp", "t2") as trusted:
+        (b1, r1), (b2, r2), (b3, r3) = order[0], order[1], order[2]
+        assert trusted(b2, r2) == own[r2]
+        assert trusted(b1, r1) == frozenset()  # behind the cursor: decoded instead
+        assert trusted(b2, r2[:-4] + "a.tar") == frozenset()  # not recorded
+        assert trusted(b3, r3) == own[r3]
+    decoded = []
+    real = manifest_mod.jpeg_decodes
+    monkeypatch.setattr(manifest_mod, "jpeg_decodes", lambda data: decoded.append(1) or real(data))
+    with TrustedJpegs(db, work / "tmp", "t3") as trusted:
+        rep = verify_export(export, None, trusted)
+    assert rep.reverified == len(order) and decoded == []
+    verify_export(export)
+    assert len(decoded) == rep.samples  # the CLI's way decodes every one

@@ -9,7 +9,7 @@ import re
 import stat
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Callable, Container, Literal
 
 from pydantic import BaseModel, Field, StrictInt, StrictStr, ValidationError
 
@@ -227,7 +227,7 @@ def _sha256_of(f) -> str:
 # The JPEG SOF markers that mean arithmetic coding (SOF9-11, SOF13-15).
 def _check_sample(
     shard: str, key: str, parts: dict[str, bytes], bucket_id: str, target: tuple[int, int], mode: str,
-    trusted: frozenset,
+    trusted: Container[str],
 ) -> None:
     if sorted(parts) != sorted(MEMBER_EXTS):
         raise VerifyError(f"{shard}: sample {key} has members {sorted(parts)}, expected jpg/txt/json")
@@ -260,7 +260,8 @@ def _check_sample(
 
 
 def verify_export(
-    export_dir: str | os.PathLike, known: dict | None = None, trusted_jpegs: frozenset = frozenset()
+    export_dir: str | os.PathLike, known: dict | None = None,
+    trusted_jpegs: frozenset | Callable[[str, str], Container[str]] = frozenset(),
 ) -> VerifyReport:
     """Re-read every shard and check it against the manifest; raise VerifyError on the first fault.
 
@@ -268,8 +269,9 @@ def verify_export(
     be a regular file under <export_dir>/buckets/ once symlinks and `..` are resolved.
     `known` (a previous report's `verified`) skips shards whose size, mtime, inode and manifest
     sha256 are unchanged since they were last fully verified; `trusted_jpegs` (sha256 hex of JPEG
-    bytes known to decode at their bucket's size) skips decoding those members. The CLI passes
-    neither: it re-reads and decodes everything.
+    bytes known to decode at their bucket's size, or a function of (bucket_id, shard path) giving
+    them for the shard, called only for shards that are read, in manifest order) skips decoding
+    those members. The CLI passes neither: it re-reads and decodes everything.
     """
     known = known if isinstance(known, dict) else {}
     verified: dict = {}
@@ -296,6 +298,7 @@ def verify_export(
                 n_shards += 1
                 continue
             reverified += 1
+            trusted = trusted_jpegs(bucket_id, rel) if callable(trusted_jpegs) else trusted_jpegs
             if st.st_size != sh.bytes:
                 raise VerifyError(f"{rel}: {st.st_size} bytes, manifest says {sh.bytes}")
             with _open_regular(path, st, rel) as f:
@@ -309,7 +312,7 @@ def verify_export(
                     if key in keys:
                         raise VerifyError(f"{rel}: sample key {key} appears twice")
                     keys.add(key)
-                    _check_sample(rel, key, parts, bucket_id, target, manifest.image_mode, trusted_jpegs)
+                    _check_sample(rel, key, parts, bucket_id, target, manifest.image_mode, trusted)
                     samples += 1
             except VerifyError:
                 raise

@@ -376,3 +376,57 @@ class ShardWriter:
             if m >= 2:
                 out[b] = m - 1
         return out
+
+
+# The JPEGs of each recorded shard that the image stage encoded and measured at their bucket's
+# target size (processed_images), by shard in manifest order (bucket, then path).
+TRUSTED_JPEGS_SQL = """
+SELECT f.bucket_id, f.path, p.sha256
+FROM shard_samples s
+JOIN shard_files f ON f.bucket_id = s.bucket_id AND f.shard_index = s.shard_index
+JOIN processed_images p ON p.bucket_id = s.bucket_id AND p.key = s.key
+JOIN bucket_assignments a ON a.image_id = p.image_id AND a.bucket_id = p.bucket_id
+WHERE p.status = 'ok' AND p.width = a.target_w AND p.height = a.target_h
+ORDER BY f.bucket_id, f.path
+"""
+
+
+class TrustedJpegs:
+    """verify_export's `trusted_jpegs` as a function of (bucket_id, shard path): the sha256 of the
+    shard's JPEGs the image stage encoded at the bucket's size, so verifying a shard hashes them
+    instead of decoding them. Memory holds one batch and one shard's hashes, not the dataset's:
+    on the first call (a no-op build never makes one) the hashes of every recorded shard are
+    written in manifest order to a parquet file under `tmp_dir` (the DB lock is held for that
+    only), which later calls read forward. A shard asked out of that order, or not recorded,
+    gets none (its JPEGs are decoded). Use as a context manager: the file goes on exit."""
+
+    def __init__(self, connect: Callable[[], ContextManager], tmp_dir: str | Path, token: str):
+        self.connect, self.path = connect, Path(tmp_dir) / f"trusted-jpegs-{token}.parquet"
+        self._groups: Iterator[tuple[tuple[str, str], frozenset]] | None = None
+        self._head: tuple[tuple[str, str], frozenset] | None = None
+
+    def _open(self) -> Iterator[tuple[tuple[str, str], frozenset]]:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.connect() as con, streaming(con):
+            if not all(table_exists(con, t) for t in ("shard_samples", "shard_files", "processed_images",
+                                                      "bucket_assignments")):
+                return
+            con.execute(f"COPY ({TRUSTED_JPEGS_SQL}) TO $out (FORMAT parquet)", {"out": str(self.path)})
+        for k, rows in itertools.groupby(iter_sample_plan(self.path), key=operator.itemgetter("bucket_id", "path")):
+            yield k, frozenset(r["sha256"] for r in rows)
+
+    def __call__(self, bucket_id: str, rel: str) -> frozenset:
+        if self._groups is None:
+            self._groups = self._open()
+            self._head = next(self._groups, None)
+        while self._head is not None and self._head[0] < (bucket_id, rel):
+            self._head = next(self._groups, None)
+        return self._head[1] if self._head is not None and self._head[0] == (bucket_id, rel) else frozenset()
+
+    def __enter__(self) -> "TrustedJpegs":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._groups is not None:
+            self._groups.close()
+        self.path.unlink(missing_ok=True)

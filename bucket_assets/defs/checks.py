@@ -1,6 +1,7 @@
 """Asset checks: the export verifies, every raw record is accounted once, JPEG sizes match."""
 
 import json
+import uuid
 from pathlib import Path
 
 import dagster as dg
@@ -9,6 +10,7 @@ from bucket_assets.core.accounting import check_balance, summary
 from bucket_assets.core.atomic import atomic_write_text
 from bucket_assets.core.captions import caption_warnings
 from bucket_assets.core.manifest import VerifyError, verify_export
+from bucket_assets.core.shard_writer import TrustedJpegs
 from bucket_assets.defs.assets.captions import selected_captions
 from bucket_assets.defs.resources import DatasetResource
 
@@ -29,18 +31,11 @@ def build_checks(filtered_images, export_manifest) -> list:
             known = json.loads(cache.read_text()) if cache.is_file() else {}
         except (OSError, json.JSONDecodeError):
             known = {}
-        with dataset.db() as con:
-            # JPEGs the image stage encoded and measured at their target size (sha256 of the bytes).
-            trusted = frozenset(
-                r[0]
-                for r in con.execute(
-                    """SELECT p.sha256 FROM processed_images p
-                       JOIN bucket_assignments a ON a.image_id = p.image_id AND a.bucket_id = p.bucket_id
-                       WHERE p.status = 'ok' AND p.width = a.target_w AND p.height = a.target_h"""
-                ).fetchall()
-            ) if spec.image.mode == "reencode_jpeg" else frozenset()
+        # JPEGs the image stage encoded and measured at their target size, per shard read.
+        trusted = TrustedJpegs(dataset.db, Path(spec.work_dir) / "tmp", uuid.uuid4().hex)
         try:
-            rep = verify_export(spec.output_dir, known, trusted)
+            with trusted:
+                rep = verify_export(spec.output_dir, known, trusted if spec.image.mode == "reencode_jpeg" else frozenset())
         except VerifyError as exc:
             cache.unlink(missing_ok=True)
             return dg.AssetCheckResult(passed=False, description=str(exc))
