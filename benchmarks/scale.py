@@ -44,7 +44,9 @@ asset-check steps; `pre`/`post` are the time from process start to RUN_START and
 to exit: interpreter, imports, definitions, instance); peak RSS of the build's process tree (the
 sum of VmRSS over the build process and every descendant, read from /proc every 0.2 s; shared pages
 count once per process, as RSS does; `procs` is the most processes seen in one sample, so worker
-pools are visibly included); `bucket-assets verify` of the export (every JPEG decoded; not included
+pools are visibly included), and the build process's own peak RSS per step (the coordinator, in
+which the assets run: its growth with the dataset shows even where the workers make the tree's
+peak; `coordinator_mb_by_step` in --out); `bucket-assets verify` of the export (every JPEG decoded; not included
 in the wall time); the accounting identity images_seen == images_exported + every skipped_* +
 decode_errors + encode_errors from manifest.json's summary, and images_seen == the samples in the
 source tars now; the build's own counters from its materialization metadata (raw_index
@@ -242,6 +244,7 @@ class TreeRss:
         self.pid, self.interval = pid, interval
         self.peak = self.max_procs = self.procs_at_peak = self.samples = 0
         self.at_peak: list[str] = []
+        self.root_trace: list[tuple[float, int]] = []  # (time, VmRSS of the build process itself): by step
         self._stop = threading.Event()
         self._t = threading.Thread(target=self._run, daemon=True)
         self._t.start()
@@ -278,6 +281,7 @@ class TreeRss:
             except OSError:
                 pass
         self.samples += 1
+        self.root_trace += [(time.time(), rss) for p, rss in seen if p == self.pid]
         self.max_procs = max(self.max_procs, len(seen))
         if total > self.peak:
             self.peak, self.procs_at_peak = total, len(seen)
@@ -353,6 +357,7 @@ def read_run(home: Path, run_id: str | None) -> dict:
         for k, s in start.items():
             if k in end:
                 out["steps"][k] = end[k] - s
+        out["spans"] = {k: (s, end[k]) for k, s in start.items() if k in end}
         out["check_steps"] = sorted(check_steps - mat_steps)
     return out
 
@@ -501,6 +506,12 @@ class Run:
         res["run_id"] = run.get("run_id")
         res["steps"] = run["steps"]
         res["stages"] = stage_times(run)
+        # The build process's own peak per step (the coordinator: assets run in it, workers are
+        # its children), so memory that follows the dataset shows even under the workers' peak.
+        res["coordinator_mb_by_step"] = {
+            k: round(max((m for t, m in rss.root_trace if s0 <= t <= s1), default=0) / MB)
+            for k, (s0, s1) in run.get("spans", {}).items()}
+        res["coordinator_peak_mb"] = round(max((m for _, m in rss.root_trace), default=0) / MB)
         res["pre_s"] = run["run_start"] - t_epoch if run["run_start"] else None
         res["post_s"] = t_end - run["run_end"] if run["run_end"] else None
         res["asset_checks"] = run["checks"]
@@ -545,7 +556,10 @@ def measure_size(run: Run, n: int, corpus: Corpus, remove: str, log, out: dict) 
             f"  verify {'ok' if r['verify']['ok'] else 'FAILED'}  identity {'ok' if r['accounting']['ok'] else 'FAILED'}"
             f"  [raw {st['raw_index']:.1f} img {st['processed_images']:.1f} shards {st['bucket_shards']:.1f}"
             f" manifest {st['export_manifest']:.1f} card {st['dataset_card']:.1f} checks {st['checks']:.1f}"
-            f" other {st['other']:.1f} pre {r['pre_s'] or 0:.1f}]" + (f"  ERROR {r['error']}" if r.get("error") else ""))
+            f" other {st['other']:.1f} pre {r['pre_s'] or 0:.1f}]"
+            f"  coordinator {r['coordinator_peak_mb']} MB"
+            f" (max in {max(r['coordinator_mb_by_step'], key=r['coordinator_mb_by_step'].get, default='-')})"
+            + (f"  ERROR {r['error']}" if r.get("error") else ""))
         return r["rc"] == 0
 
     def snapshot():
