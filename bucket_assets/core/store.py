@@ -490,23 +490,24 @@ class StoreRun:
 
     def _as_committed(self, con) -> bool:
         """Whether the partitions' committed rows are already exactly this run's (nothing was
-        rendered, journaled or moved, and the kept rows equal the table's rows of these buckets
-        as a multiset, compared in DuckDB): then a no-op build does not rewrite the table."""
+        rendered, journaled or moved, every kept row is the committed row itself and the table
+        holds no other row of these buckets): then a no-op build does not rewrite the table."""
         if self.unchanged:
             return True
         if self.to_render or self.journal_rows or self.moved.exists() or not table_exists(con, TABLE):
             return False
-        cols = ", ".join(f'"{c}"' for c, _ in COLUMNS)
-        mine = f'SELECT {cols} FROM "{TABLE}" WHERE list_contains($buckets, bucket_id)'
+        params = {"buckets": self.buckets}
+        n_mine = con.execute(f'SELECT count(*) FROM "{TABLE}" WHERE list_contains($buckets, bucket_id)',
+                             params).fetchone()[0]
         if not self.kept.exists():
-            return con.execute(f"SELECT count(*) FROM ({mine})", {"buckets": self.buckets}).fetchone()[0] == 0
-        kept = f"SELECT {cols} FROM read_parquet($kept)"
-        params = {"buckets": self.buckets, "kept": str(self.kept)}
-        n_kept, n_mine = con.execute(f"SELECT (SELECT count(*) FROM ({kept})), (SELECT count(*) FROM ({mine}))",
-                                     params).fetchone()
-        # Only equal counts need the multiset difference (a removed tar, say, never does).
-        return n_kept == n_mine and con.execute(f"SELECT count(*) FROM ({kept} EXCEPT ALL {mine})",
-                                                params).fetchone()[0] == 0
+            return n_mine == 0
+        if not self.complete:  # a committed row lacking a column is never the kept row itself
+            return False
+        # A row marked as_committed is the committed row (same id, key and fingerprint; its
+        # results read from it), one per key: equal counts then mean equal multisets.
+        n_kept, n_other = con.execute("SELECT count(*), count(*) FILTER (WHERE NOT as_committed) FROM read_parquet($kept)",
+                                      {"kept": str(self.kept)}).fetchone()
+        return n_kept == n_mine and n_other == 0
 
     def prune(self, con) -> int:
         """Delete the files of these buckets' store dirs that no committed row references
