@@ -68,9 +68,10 @@ the second (100,000), N2 a third (1,000,000):
     every size under 1.5 GB;
   - no-op marginal cost: slope of the no-op wall time from the smallest to the largest size <= 3 %
     of the clean build's slope over the same sizes;
-  - add: wall time of (c) at the largest size <= 1.5x the clean build of one tar's worth of images
-    (the clean build at 10,000; when no size equals the tar size, the start-up line's value there);
-    the marginal-based figure, 10,000 x the clean slope, is reported alongside;
+  - add: wall time of (c) at N1 (the issue's 100,000; the only size when there is one) <= 1.5x the
+    clean build of one tar's worth of images (the clean build at 10,000; when no size equals the
+    tar size, the start-up line's value there); the marginal-based figure, 10,000 x the clean
+    slope, is reported alongside, and so is the ratio at a larger size (no verdict);
   - remove removes exactly its samples; every build's export verifies; the accounting identity
     holds for every build; unchanged shards keep inode and mtime after (b), (c) and (d);
   - clean marginal cost per image does not grow by more than 10 % from N0 to N1. Method: the
@@ -654,7 +655,7 @@ def evaluate(res: dict) -> list[dict]:
         return max(r["peak_rss"] for r in bs) if len(bs) == 4 and all(r["rc"] == 0 for r in bs) else None
 
     def add(name: str, ok: bool, shown: str) -> None:
-        targets.append({"target": name, "pass": bool(ok), "shown": shown})
+        targets.append({"target": name, "pass": None if ok is None else bool(ok), "shown": shown})
 
     def num(fmt: str, *vs) -> str:
         return "n/a" if any(v is None for v in vs) else fmt.format(*vs)
@@ -700,17 +701,26 @@ def evaluate(res: dict) -> list[dict]:
         if hi != lo and r0 and r1 and r0.get("cpu_s") is not None and r1.get("cpu_s") is not None:
             d[f"{label}_cpu_slope_s_per_img"] = slope(r0["cpu_s"], lo, r1["cpu_s"], hi)
 
-    # Adding one tar to the largest corpus vs a clean build of that many images.
+    # Adding one tar vs a clean build of that many images: the issue sets the target at 100,000
+    # (the second size); a larger size's ratio is reported without a verdict.
     ref = wall(per_tar, "clean") if per_tar in S else (fixed + per_tar * marg[n0] if fixed is not None else None)
-    a = wall(hi, "add")
     base = cs if cs is not None else marg[n0]
     by_slope = per_tar * base if base is not None and base > 0 else None
-    d["add_s"], d["add_ref_clean_s"], d["add_ref_marginal_s"] = a, ref, by_slope
-    ratio = a / ref if a is not None and ref else None
-    add(f"adding {per_tar:,} images to {hi:,} <= 1.5x a clean build of {per_tar:,}", ratio is not None and ratio <= 1.5,
-        num("{:.2f}x ({:.1f}s vs {:.1f}s)", ratio, a, ref)
-        + (num("; vs {:,} x the clean slope = {:.1f}s: {:.2f}x", per_tar, by_slope, a and by_slope and a / by_slope)
-           if by_slope else "; the clean slope is not positive, no marginal-based figure"))
+    at = sizes[1] if len(sizes) > 1 else sizes[0]
+    d["add_s"] = {str(n): wall(n, "add") for n in sizes}
+    d["add_ref_clean_s"], d["add_ref_marginal_s"], d["add_target_size"] = ref, by_slope, at
+    for n in sizes[sizes.index(at):]:
+        a = wall(n, "add")
+        ratio = a / ref if a is not None and ref else None
+        shown = (num("{:.2f}x ({:.1f}s vs {:.1f}s)", ratio, a, ref)
+                 + (num("; vs {:,} x the clean slope = {:.1f}s: {:.2f}x", per_tar, by_slope, a and by_slope and a / by_slope)
+                    if by_slope else "; the clean slope is not positive, no marginal-based figure"))
+        if n == at:
+            add(f"adding {per_tar:,} images to {n:,} <= 1.5x a clean build of {per_tar:,}",
+                ratio is not None and ratio <= 1.5, shown)
+        else:
+            add(f"adding {per_tar:,} images to {n:,} vs a clean build of {per_tar:,} (reported; the target is at {at:,})",
+                None, shown)
 
     # Correctness.
     def per_size(label: str, part: str, fmt) -> tuple[bool, str]:
@@ -835,7 +845,8 @@ def summary_table(res: dict) -> str:
 
 def report(res: dict, targets: list[dict]) -> str:
     lines = [build_table(res), "", summary_table(res), "", "| target | measured | result |", "| --- | --- | --- |"]
-    lines += [f"| {t['target']} | {t['shown']} | {'PASS' if t['pass'] else 'FAIL'} |" for t in targets]
+    lines += [f"| {t['target']} | {t['shown']} | {'reported' if t['pass'] is None else 'PASS' if t['pass'] else 'FAIL'} |"
+              for t in targets]
     return "\n".join(lines)
 
 
@@ -937,7 +948,7 @@ def finish(res: dict, args) -> int:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(res, indent=2, default=str) + "\n")
         print(f"\nraw numbers: {args.out}")
-    failed = [t["target"] for t in targets if not t["pass"]]
+    failed = [t["target"] for t in targets if t["pass"] is False]
     if failed:
         print(f"\nFAIL: {len(failed)} target(s): {'; '.join(failed)}")
     return 1 if failed and not args.no_fail else 0
