@@ -176,6 +176,27 @@ def test_celery_fetches_urls(engine, tmp_path):
     assert [r["status"] for r in rows[:4]] == ["ok", "http_404", "not_an_image", "ok"]
 
 
+def test_celery_workers_fetch_a_url_sources_todo(engine, tmp_path):
+    """url_downloads on the workers: the run streams its todo to them in batches and commits
+    their rows; a rerun fetches nothing."""
+    from bucket_assets.distributed import CeleryCompute
+    from bucket_assets_tests.core.test_download import FaultServer
+    from bucket_assets_tests.core.test_url_downloads import Fixture, _urls
+
+    f = Fixture(tmp_path)
+    with FaultServer() as server:
+        paths = [f"/img/{n}" for n in range(9)] + ["/404", "/html"]
+        src = f.source("web", _urls([f"k{n}" for n in range(len(paths))], [server.base + p for p in paths]))
+        workers = CeleryCompute(engine["broker"], chunk=2)
+        planned, done = f.build(src, batch_rows=4, engine=workers)
+        assert planned == {"web": (11, 11)} and done.fetched == 11
+        assert all(server.hits[p] == 1 for p in paths)
+        rows = f.rows()
+        assert [rows[("web", f"k{n}")]["status"] for n in range(len(paths))] == ["ok"] * 9 + ["http_404", "not_an_image"]
+        planned, done = f.build(src, engine=workers)
+        assert planned == {"web": (11, 0)} and f.log == [] and all(server.hits[p] == 1 for p in paths)
+
+
 def test_no_worker_fails_fast_naming_the_broker(engine):
     from bucket_assets.distributed import CeleryCompute
 

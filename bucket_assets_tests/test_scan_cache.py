@@ -399,7 +399,7 @@ def test_a_half_written_or_uncommitted_fragment_is_never_used(tmp_path):
 
 def _url_setup(tmp_path: Path):
     """A URL source of two files and a url_downloads table made by hand (no network)."""
-    from bucket_assets.defs.assets.downloads import URL_DOWNLOADS_SCHEMA
+    from bucket_assets.core.url_downloads import SCHEMA as URL_DOWNLOADS_SCHEMA
 
     raw = tmp_path / "raw"
     raw.mkdir()

@@ -5,9 +5,12 @@ A reader (or a killed run) never sees a half-written file under the final name.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
+import shutil
 import threading
+import uuid
 from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterator
@@ -15,6 +18,7 @@ from typing import BinaryIO, Callable, Iterator
 from bucket_assets.core.failpoints import failpoint
 
 TMP_PREFIX = ".tmp-"
+_RUN_LOCK = ".lock"
 
 
 @contextmanager
@@ -88,3 +92,33 @@ def remove_stale_temps(directory: str | os.PathLike, recursive: bool = True) -> 
             p.unlink()
             n += 1
     return n
+
+
+def locked_run_dir(root: str | os.PathLike, prefix: str) -> tuple[Path, int]:
+    """A new staging dir `<root>/<prefix><uuid>` for a run, with the descriptor that holds its
+    flock while the run lives; the dirs of runs that are gone (killed) are removed. Runs of other partitions may
+    be staging beside it at the same time: a dir is stale only when its lock can be taken. The
+    lock file is locked before it gets its name, so no dir is ever seen unlocked while in use."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    for old in root.glob(f"{prefix}*"):
+        if not old.is_dir() or old.is_symlink():
+            continue
+        try:
+            fd = os.open(old / _RUN_LOCK, os.O_RDONLY)
+        except OSError:
+            continue  # being set up right now (or unreadable): not ours to judge
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            continue  # its run is alive
+        shutil.rmtree(old, ignore_errors=True)
+        os.close(fd)
+    d = root / f"{prefix}{uuid.uuid4().hex}"
+    d.mkdir()
+    tmp = d / f"{_RUN_LOCK}.new"
+    fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    os.rename(tmp, d / _RUN_LOCK)
+    return d, fd

@@ -36,13 +36,11 @@ digest) gets no SQL fingerprint: such a sample is simply rendered again.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import itertools
 import json
 import os
 import shutil
-import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
 from operator import itemgetter
@@ -53,7 +51,7 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from bucket_assets.core.atomic import remove_stale_temps
+from bucket_assets.core.atomic import locked_run_dir, remove_stale_temps
 from bucket_assets.core.db import VERSIONS_TABLE, derived_version, streaming, table_exists, transaction
 from bucket_assets.core.failpoints import failpoint
 from bucket_assets.core.journal import read_batches
@@ -79,7 +77,6 @@ TABLE = "processed_images"
 # groups, which a reader holds one at a time, are this rounded up to a multiple of 2048).
 BATCH_ROWS = 4096
 STAGING_PREFIX = "processed-"
-_STAGING_LOCK = ".lock"
 
 _DUCK = {pa.string(): "VARCHAR", pa.int64(): "BIGINT", pa.int32(): "INTEGER", pa.int8(): "TINYINT"}
 COLUMNS = [(f.name, _DUCK[f.type]) for f in PROCESSED_SCHEMA]
@@ -199,7 +196,7 @@ class StoreRun:
         self.store, self.buckets, self.params, self.token = store, buckets, params, token
         self.batch_rows = store.batch_rows
         self.processed_dir = store.processed_dir
-        self.dir, self._lock = _staging_dir(store.staging_root)
+        self.dir, self._lock = locked_run_dir(store.staging_root, STAGING_PREFIX)
         self.decided, self.todo, self.kept = self.dir / "decided.parquet", self.dir / "todo.parquet", self.dir / "kept.parquet"
         self.results, self.compact_src, self.moved = (self.dir / "results.parquet", self.dir / "compact-src.parquet",
                                                       self.dir / "moved.parquet")
@@ -554,35 +551,6 @@ class StoreRun:
                   for b in self.buckets),
             tuple((s, n) for s, n in statuses),
         )
-
-
-def _staging_dir(root: Path) -> tuple[Path, int]:
-    """A new staging dir for a run, with the descriptor that holds its flock while the run
-    lives; the dirs of runs that are gone (killed) are removed. Runs of other partitions may
-    be staging beside it at the same time: a dir is stale only when its lock can be taken. The
-    lock file is locked before it gets its name, so no dir is ever seen unlocked while in use."""
-    root.mkdir(parents=True, exist_ok=True)
-    for old in root.glob(f"{STAGING_PREFIX}*"):
-        if not old.is_dir() or old.is_symlink():
-            continue
-        try:
-            fd = os.open(old / _STAGING_LOCK, os.O_RDONLY)
-        except OSError:
-            continue  # being set up right now (or unreadable): not ours to judge
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            os.close(fd)
-            continue  # its run is alive
-        shutil.rmtree(old, ignore_errors=True)
-        os.close(fd)
-    d = root / f"{STAGING_PREFIX}{uuid.uuid4().hex}"
-    d.mkdir()
-    tmp = d / f"{_STAGING_LOCK}.new"
-    fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
-    fcntl.flock(fd, fcntl.LOCK_EX)
-    os.rename(tmp, d / _STAGING_LOCK)
-    return d, fd
 
 
 def _pack_use(con, rows_sql: str, params: dict) -> dict[str, tuple[int, set[str]]]:

@@ -1,5 +1,5 @@
 """URL lists: metadata parquet(s) with an id and a URL per image (LAION-400M metadata,
-photo-concept-bucket). `url_requests` lists what to fetch; `scan` turns each row into a record
+photo-concept-bucket). `request_batches` lists what to fetch; `scan` turns each row into a record
 located at its downloaded bytes, or carrying the download's failure reason as its issue."""
 
 from __future__ import annotations
@@ -7,11 +7,14 @@ from __future__ import annotations
 from typing import Iterator, Mapping
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from bucket_assets.core.download import blob_path
 from bucket_assets.core.sources import RawRecord, ScanStats, stat_token
-from bucket_assets.core.sources.parquet import SourceError, files as parquet_files, fill_from_columns, missing_id, read_rows
+from bucket_assets.core.sources.parquet import (
+    SourceError, files as parquet_files, fill_from_columns, missing_id, open_streaming, read_rows,
+)
 from bucket_assets.core.sources.values import is_regular_file
 from bucket_assets.spec import UrlSource
 
@@ -74,16 +77,26 @@ def _rows(source: UrlSource) -> Iterator[tuple[str, int, dict]]:
             yield path, i, row
 
 
-def url_requests(source: UrlSource) -> Iterator[tuple[str, str]]:
-    """(image_id, url) for every row with an id, in file then row order."""
+def request_batches(source: UrlSource, batch_rows: int = 65536) -> Iterator[pa.RecordBatch]:
+    """Every row with an id as (image_id, url), in file then row order, in batches of at most
+    `batch_rows`: the id as text (an integer id as its digits), a missing URL as "". A later
+    row with the same id is left in; the caller keeps the first (url_downloads does, in SQL)."""
     cols = source.columns
-    seen: set[str] = set()
-    for _path, _i, row in _rows(source):
-        if row[cols.id] is None or str(row[cols.id]) in seen:
-            continue
-        seen.add(str(row[cols.id]))
-        url = row[cols.url]
-        yield str(row[cols.id]), url if isinstance(url, str) else ""
+    for path in files(source):
+        _columns(source, path)
+        try:
+            pf = open_streaming(path)
+            for g in range(pf.metadata.num_row_groups):
+                # One row group at a time: an iterator over several keeps what it decoded of each.
+                for batch in pf.iter_batches(batch_size=batch_rows, row_groups=[g], columns=[cols.id, cols.url],
+                                             use_threads=False):
+                    ids = pc.cast(batch.column(cols.id), pa.string())
+                    urls = pc.fill_null(pc.cast(batch.column(cols.url), pa.string()), "")
+                    keep = pc.is_valid(ids)
+                    yield pa.RecordBatch.from_arrays([pc.filter(ids, keep), pc.filter(urls, keep)],
+                                                     names=["image_id", "url"])
+        except (OSError, ValueError, pa.ArrowException) as exc:
+            raise SourceError(f"source {source.name}: cannot read parquet {path}: {exc}") from None
 
 
 def scan_file(source: UrlSource, path: str, stats: ScanStats, max_caption_chars: int, downloads: Mapping[str, dict],
