@@ -5,9 +5,10 @@ threads or the Celery workers), commit one row per URL.
 Nothing the size of the URL list is held in Python: per source, the run's staging dir holds
 
     requests-<i>.parquet  every (image_id, url) with an id, numbered (`ord`) in file then row order
+    ids-<i>.parquet       each id's first row
     journal-<i>.parquet   the rows a killed run journaled, numbered in journal order
     found-<i>.parquet     each id's first row with the result found for its URL: the latest
-                          journaled one, else the table's row
+                          journaled one, else the table's row (only what decides: it stays)
     missing-<i>.parquet   the `ord`s whose stored bytes are gone or cut short (stat'ed in batches)
     decided-<i>.parquet   found + to_fetch: whether it is fetched (no result, a retryable reason, bytes gone)
     todo-<i>.parquet      what is fetched, in list order
@@ -52,6 +53,7 @@ RESULT_SCHEMA = pa.schema([f for f in SCHEMA if f.name != "source"])
 _RESULTS_SCHEMA = pa.schema([("ord", pa.int64()), *RESULT_SCHEMA])
 _DUCK = {pa.string(): "VARCHAR", pa.int32(): "INTEGER", pa.int64(): "BIGINT"}
 _COLS = [f.name for f in RESULT_SCHEMA]
+_DECIDING = ("status", "sha256", "bytes")  # what decides whether a previous result stands
 BATCH_ROWS = 4096
 STAGING_PREFIX = "url-downloads-"
 
@@ -154,24 +156,30 @@ class DownloadRun:
     def _find(self, con, i: int, src: UrlSource) -> None:
         res = [c for c in _COLS if c not in ("image_id", "url")]
         have = table_exists(con, TABLE)
-        table = (f'SELECT image_id, url, {", ".join(res)} FROM "{TABLE}" WHERE source = $source' if have
-                 else f'SELECT NULL::VARCHAR AS image_id, NULL::VARCHAR AS url, {", ".join(f"NULL AS {c}" for c in res)}')
-        pick = ", ".join(f'CASE WHEN j.image_id IS NOT NULL THEN j."{c}" ELSE t."{c}" END AS "prev_{c}"' for c in res)
+        # Of the table's row only what decides is read: a reused committed row stays in place,
+        # so only a journaled row is ever written from these columns.
+        table = (f'SELECT image_id, url, status, sha256, bytes FROM "{TABLE}" WHERE source = $source' if have else
+                 "SELECT NULL::VARCHAR AS image_id, NULL::VARCHAR AS url, NULL::VARCHAR AS status, "
+                 "NULL::VARCHAR AS sha256, NULL::BIGINT AS bytes")
+        pick = ", ".join(f'CASE WHEN j.image_id IS NOT NULL THEN j."{c}" ELSE t."{c}" END AS "prev_{c}"'
+                         if c in _DECIDING else f'j."{c}" AS "prev_{c}"' for c in res)
         # An id's first row is the one fetched (a later row with it is a duplicate_id in raw_index).
+        # Its own statement: with the joins below in one, a 1M-URL no-op ran out of the 256MB cap.
+        con.execute("COPY (SELECT image_id, arg_min(url, ord) AS url, min(ord) AS ord FROM read_parquet($requests) "
+                    "GROUP BY image_id) TO $out (FORMAT parquet)",
+                    {"requests": str(self._file("requests", i)), "out": str(self._file("ids", i))})
         # A journaled result (the latest for the URL) stands before the table's row.
         con.execute(
             f"""COPY (
-                WITH req AS (SELECT image_id, arg_min(url, ord) AS url, min(ord) AS ord
-                             FROM read_parquet($requests) GROUP BY image_id),
-                     j AS (SELECT * FROM read_parquet($journal)
+                WITH j AS (SELECT * FROM read_parquet($journal)
                            QUALIFY row_number() OVER (PARTITION BY image_id, url ORDER BY seq DESC) = 1)
                 SELECT r.ord, r.image_id, r.url,
                        CASE WHEN j.image_id IS NOT NULL THEN 0 WHEN t.image_id IS NOT NULL THEN 1 END AS origin, {pick}
-                FROM req r
+                FROM read_parquet($ids) r
                 LEFT JOIN j ON j.image_id = r.image_id AND j.url = r.url
                 LEFT JOIN ({table}) t ON t.image_id = r.image_id AND t.url = r.url
             ) TO $out (FORMAT parquet)""",
-            {"requests": str(self._file("requests", i)), "journal": str(self._file("journal", i)),
+            {"ids": str(self._file("ids", i)), "journal": str(self._file("journal", i)),
              "out": str(self._file("found", i)), **({"source": src.name} if have else {})})
 
     def _stat_stored(self, i: int) -> None:
@@ -229,7 +237,9 @@ class DownloadRun:
         cols = ", ".join(f'"{c}"' for c in _COLS)
         prev = ", ".join(f'"prev_{c}" AS "{c}"' if c not in ("image_id", "url") else f'"{c}"' for c in _COLS)
         with self.connect() as con:
-            with transaction(con, TABLE):
+            # Under the stream cap: the delete's anti-join and the insert only pass rows through
+            # (at 1M URLs under the full cap the commit took the coordinator to 515 MB).
+            with streaming(con), transaction(con, TABLE):
                 con.execute(f'CREATE TABLE IF NOT EXISTS "{TABLE}" '
                             f'({", ".join(f"{chr(34)}{f.name}{chr(34)} {_DUCK[f.type]}" for f in SCHEMA)})')
                 names = {"names": [s.name for s in self.sources]}
