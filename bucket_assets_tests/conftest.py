@@ -169,3 +169,20 @@ def unwritable_dir(path: Path) -> Iterator[None]:
         yield
     finally:
         subprocess.run(unlock, check=True)
+
+
+class CountingConnection:
+    """A DuckDB connection that records how many rows each DELETE / INSERT on `table` wrote."""
+
+    def __init__(self, con, log: list, table: str):
+        self._con, self._log, self._table = con, log, f'"{table}"'
+
+    def execute(self, sql, *args):
+        res = self._con.execute(sql, *args)
+        verb = sql.split(None, 1)[0].upper()
+        if verb in ("DELETE", "INSERT") and self._table in sql:
+            self._log.append((verb, res.fetchone()[0]))
+        return res
+
+    def __getattr__(self, name):
+        return getattr(self._con, name)

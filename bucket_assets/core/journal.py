@@ -9,6 +9,8 @@ import json
 import os
 from typing import IO, Iterator
 
+import pyarrow as pa
+
 
 def append_row(f: IO[str], row: dict) -> None:
     f.write(json.dumps(row, sort_keys=True) + "\n")
@@ -37,3 +39,19 @@ def read_batches(path: str | os.PathLike, size: int) -> Iterator[list[dict]]:
     rows = read_rows(path)
     while batch := list(itertools.islice(rows, size)):
         yield batch
+
+
+def rows_table(rows: list[dict], schema: pa.Schema) -> pa.Table:
+    """Journal rows as a table of `schema`; a row that does not fit it (a line from another
+    version, say) is left out, so its item is done again."""
+    try:
+        return pa.Table.from_pylist(rows, schema=schema)
+    except (pa.ArrowException, TypeError, ValueError):
+        ok = []
+        for r in rows:
+            try:
+                pa.Table.from_pylist([r], schema=schema)
+            except (pa.ArrowException, TypeError, ValueError):
+                continue
+            ok.append(r)
+        return pa.Table.from_pylist(ok, schema=schema)

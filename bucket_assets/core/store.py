@@ -54,7 +54,7 @@ import pyarrow.parquet as pq
 from bucket_assets.core.atomic import locked_run_dir, remove_stale_temps
 from bucket_assets.core.db import VERSIONS_TABLE, derived_version, streaming, table_exists, transaction
 from bucket_assets.core.failpoints import failpoint
-from bucket_assets.core.journal import read_batches
+from bucket_assets.core.journal import read_batches, rows_table
 from bucket_assets.core.processing import (
     JOURNAL_NAME,
     PROCESSED_SCHEMA,
@@ -354,7 +354,7 @@ class StoreRun:
         seq = 0
         for b in self.buckets:
             for rows in read_batches(journal_path(self.processed_dir, b), self.batch_rows):
-                table = _journal_table([{**r, "bucket_id": b} for r in rows if isinstance(r.get("key"), str)])
+                table = rows_table([{**r, "bucket_id": b} for r in rows if isinstance(r.get("key"), str)], PROCESSED_SCHEMA)
                 table = table.add_column(0, "seq", pa.array(range(seq, seq + len(table)), pa.int64()))
                 seq += len(table)
                 _insert(con, "_store_journal", table)
@@ -582,21 +582,6 @@ def _ensure_table(con) -> None:
     for c, t in COLUMNS:
         if c not in have:
             con.execute(f'ALTER TABLE "{TABLE}" ADD COLUMN "{c}" {t}')
-
-
-def _journal_table(rows: list[dict]) -> pa.Table:
-    """Journal rows as a table of PROCESSED_SCHEMA; a row that does not fit it is left out."""
-    try:
-        return pa.Table.from_pylist(rows, schema=PROCESSED_SCHEMA)
-    except (pa.ArrowException, TypeError, ValueError):
-        ok = []
-        for r in rows:
-            try:
-                pa.Table.from_pylist([r], schema=PROCESSED_SCHEMA)
-            except (pa.ArrowException, TypeError, ValueError):
-                continue
-            ok.append(r)
-        return pa.Table.from_pylist(ok, schema=PROCESSED_SCHEMA)
 
 
 def _insert(con, table: str, batch: pa.Table) -> None:

@@ -35,7 +35,7 @@ import pyarrow.parquet as pq
 from bucket_assets.core.atomic import locked_run_dir
 from bucket_assets.core.db import streaming, table_exists, transaction
 from bucket_assets.core.download import RETRYABLE, DownloadSettings, blob_path, download_all, journal_path
-from bucket_assets.core.journal import read_batches
+from bucket_assets.core.journal import read_batches, rows_table
 from bucket_assets.core.progress import Progress
 from bucket_assets.core.sources import urls
 from bucket_assets.spec import UrlSource
@@ -149,7 +149,7 @@ class DownloadRun:
         n = 0
         with pq.ParquetWriter(self._file("journal", i), schema) as w:
             for rows in read_batches(journal_path(self.store, src.name), self.batch_rows):
-                t = _fitting(rows)
+                t = rows_table(rows, RESULT_SCHEMA)  # a row that does not fit is fetched again
                 w.write_table(pa.table([pa.array(range(n, n + t.num_rows), pa.int64()), *t.columns], schema=schema))
                 n += t.num_rows
 
@@ -288,19 +288,3 @@ def _stored(store: Path, sha256: str | None, size: int | None) -> bool:
         return blob_path(store, sha256).stat().st_size == size
     except (OSError, ValueError):
         return False
-
-
-def _fitting(rows: list[dict]) -> pa.Table:
-    """Journal rows as a RESULT_SCHEMA table; a row that does not fit it (a line from another
-    version, say) is left out: its URL is fetched again."""
-    try:
-        return pa.Table.from_pylist(rows, schema=RESULT_SCHEMA)
-    except (pa.ArrowException, TypeError, ValueError):
-        ok = []
-        for r in rows:
-            try:
-                pa.Table.from_pylist([r], schema=RESULT_SCHEMA)
-            except (pa.ArrowException, TypeError, ValueError):
-                continue
-            ok.append(r)
-        return pa.Table.from_pylist(ok, schema=RESULT_SCHEMA)

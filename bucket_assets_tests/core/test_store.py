@@ -39,6 +39,7 @@ from bucket_assets.core.store import (
     fingerprint_params,
     packs_on_disk,
 )
+from bucket_assets_tests.conftest import CountingConnection
 
 PARAMS = RenderParams("reencode_jpeg", 90, "adaptive_scale", 0.85, 10**8)
 BUCKETS = ["p32x24", "p24x32"]
@@ -223,23 +224,6 @@ def test_a_no_op_by_version_runs_no_plan_and_anything_that_changes_the_plan_does
         k: {c: v for c, v in r.items() if c not in ("path", "pack_offset")} for k, r in rows.items()}
 
 
-class _Counting:
-    """A connection that records how many rows each DELETE / INSERT on processed_images wrote."""
-
-    def __init__(self, con, log):
-        self._con, self._log = con, log
-
-    def execute(self, sql, *args):
-        res = self._con.execute(sql, *args)
-        verb = sql.split(None, 1)[0].upper()
-        if verb in ("DELETE", "INSERT") and '"processed_images"' in sql:
-            self._log.append((verb, res.fetchone()[0]))
-        return res
-
-    def __getattr__(self, name):
-        return getattr(self._con, name)
-
-
 def test_a_rebuild_that_adds_and_removes_samples_writes_only_those_rows(tmp_path):
     """The commit leaves every committed row the plan keeps as it is in place: only the removed
     sample's row is deleted and only the new sample's row is inserted."""
@@ -261,7 +245,7 @@ def test_a_rebuild_that_adds_and_removes_samples_writes_only_those_rows(tmp_path
     @contextmanager
     def counting():
         with f.con() as con:
-            yield _Counting(con, log)
+            yield CountingConnection(con, log, "processed_images")
 
     f.store.connect = counting
     done, n = f.build()

@@ -14,24 +14,8 @@ from bucket_assets.core import url_downloads as ud
 from bucket_assets.core.db import connect
 from bucket_assets.core.download import blob_path, journal_path
 from bucket_assets.spec import UrlSource
+from bucket_assets_tests.conftest import CountingConnection
 from bucket_assets_tests.core.test_download import FaultServer
-
-
-class _Counting:
-    """A connection that records how many rows each DELETE / INSERT on url_downloads wrote."""
-
-    def __init__(self, con, log):
-        self._con, self._log = con, log
-
-    def execute(self, sql, *args):
-        res = self._con.execute(sql, *args)
-        verb = sql.split(None, 1)[0].upper()
-        if verb in ("DELETE", "INSERT") and '"url_downloads"' in sql:
-            self._log.append((verb, res.fetchone()[0]))
-        return res
-
-    def __getattr__(self, name):
-        return getattr(self._con, name)
 
 
 class Fixture:
@@ -45,7 +29,7 @@ class Fixture:
     @contextmanager
     def connect(self):
         with connect(self.db, "1GB", "256MB") as con:
-            yield _Counting(con, self.log)
+            yield CountingConnection(con, self.log, "url_downloads")
 
     def source(self, name: str, *tables: pa.Table, **download) -> UrlSource:
         d = self.tmp / f"meta-{name}"
