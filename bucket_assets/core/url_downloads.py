@@ -165,8 +165,10 @@ class DownloadRun:
                          if c in _DECIDING else f'j."{c}" AS "prev_{c}"' for c in res)
         # An id's first row is the one fetched (a later row with it is a duplicate_id in raw_index).
         # Its own statement: with the joins below in one, a 1M-URL no-op ran out of the 256MB cap.
-        con.execute("COPY (SELECT image_id, arg_min(url, ord) AS url, min(ord) AS ord FROM read_parquet($requests) "
-                    "GROUP BY image_id) TO $out (FORMAT parquet)",
+        # The aggregate holds numbers only: arg_min(url, ord) ran out of that cap at 10M URLs.
+        con.execute("COPY (SELECT r.ord, r.image_id, r.url FROM read_parquet($requests) r SEMI JOIN "
+                    "(SELECT min(ord) AS ord FROM read_parquet($requests) GROUP BY image_id) f ON f.ord = r.ord) "
+                    "TO $out (FORMAT parquet)",
                     {"requests": str(self._file("requests", i)), "out": str(self._file("ids", i))})
         # A journaled result (the latest for the URL) stands before the table's row.
         con.execute(
