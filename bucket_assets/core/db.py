@@ -12,13 +12,19 @@ import fcntl
 import os
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, ContextManager, Iterator
 
 import duckdb
 import pyarrow as pa
 
 from bucket_assets.core.failpoints import failpoint
 
+
+# A locked connection to the metadata DB, held only while SQL runs (DatasetResource.db).
+Connect = Callable[[], ContextManager[duckdb.DuckDBPyConnection]]
+
+# The DuckDB column type of each Arrow type a table of ours uses.
+DUCK_TYPES = {pa.string(): "VARCHAR", pa.int64(): "BIGINT", pa.int32(): "INTEGER", pa.int8(): "TINYINT"}
 
 # Connection id -> (stream cap, memory_limit) for streaming(); set by connect().
 _caps: dict[int, tuple[str, str]] = {}

@@ -45,14 +45,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from operator import itemgetter
 from pathlib import Path
-from typing import Callable, ContextManager, Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
-import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from bucket_assets.core.atomic import locked_run_dir, remove_stale_temps
-from bucket_assets.core.db import VERSIONS_TABLE, derived_version, streaming, table_exists, transaction
+from bucket_assets.core.db import DUCK_TYPES, VERSIONS_TABLE, Connect, derived_version, streaming, table_exists, transaction
 from bucket_assets.core.failpoints import failpoint
 from bucket_assets.core.journal import read_batches, rows_table
 from bucket_assets.core.processing import (
@@ -78,8 +77,7 @@ TABLE = "processed_images"
 BATCH_ROWS = 4096
 STAGING_PREFIX = "processed-"
 
-_DUCK = {pa.string(): "VARCHAR", pa.int64(): "BIGINT", pa.int32(): "INTEGER", pa.int8(): "TINYINT"}
-COLUMNS = [(f.name, _DUCK[f.type]) for f in PROCESSED_SCHEMA]
+COLUMNS = [(f.name, DUCK_TYPES[f.type]) for f in PROCESSED_SCHEMA]
 # A candidate's own columns: its identity and fingerprint, then what rendering produced.
 _RESULT_COLUMNS = [c for c in COLUMNS if c[0] not in ("image_id", "bucket_id", "key", "fingerprint")]
 _MOVED_SCHEMA = pa.schema([("bucket_id", pa.string()), ("key", pa.string()), ("path", pa.string()),
@@ -158,9 +156,6 @@ class StoreSummary:
     @property
     def buckets_rendered(self) -> int:
         return sum(1 for b in self.buckets if b.rendered)
-
-
-Connect = Callable[[], ContextManager[duckdb.DuckDBPyConnection]]
 
 
 class ImageStore:

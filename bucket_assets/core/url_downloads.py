@@ -26,14 +26,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Callable, ContextManager, Iterable, Iterator, Protocol
+from typing import Callable, Iterable, Iterator, Protocol
 
-import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from bucket_assets.core.atomic import locked_run_dir
-from bucket_assets.core.db import streaming, table_exists, transaction
+from bucket_assets.core.db import DUCK_TYPES, Connect, streaming, table_exists, transaction
 from bucket_assets.core.download import RETRYABLE, DownloadSettings, blob_path, download_all, journal_path
 from bucket_assets.core.journal import read_batches, rows_table
 from bucket_assets.core.progress import Progress
@@ -51,7 +50,6 @@ SCHEMA = pa.schema(
 # A fetch result (core/download.py's FetchResult, a journal row): a row without its source.
 RESULT_SCHEMA = pa.schema([f for f in SCHEMA if f.name != "source"])
 _RESULTS_SCHEMA = pa.schema([("ord", pa.int64()), *RESULT_SCHEMA])
-_DUCK = {pa.string(): "VARCHAR", pa.int32(): "INTEGER", pa.int64(): "BIGINT"}
 _COLS = [f.name for f in RESULT_SCHEMA]
 _DECIDING = ("status", "sha256", "bytes")  # what decides whether a previous result stands
 BATCH_ROWS = 4096
@@ -59,9 +57,6 @@ STAGING_PREFIX = "url-downloads-"
 
 # download.is_retryable in SQL: a rerun fetches these again.
 _RETRYABLE_SQL = "(list_contains($retryable, {s}) OR (starts_with({s}, 'http_5') AND length({s}) = 8))"
-
-Connect = Callable[[], ContextManager[duckdb.DuckDBPyConnection]]
-
 
 class Engine(Protocol):
     """A compute engine (bucket_assets.distributed): `map("fetch", items)` gives each item's
@@ -242,8 +237,8 @@ class DownloadRun:
             # Under the stream cap: the delete's anti-join and the insert only pass rows through
             # (at 1M URLs under the full cap the commit took the coordinator to 515 MB).
             with streaming(con), transaction(con, TABLE):
-                con.execute(f'CREATE TABLE IF NOT EXISTS "{TABLE}" '
-                            f'({", ".join(f"{chr(34)}{f.name}{chr(34)} {_DUCK[f.type]}" for f in SCHEMA)})')
+                columns = ", ".join(f'"{f.name}" {DUCK_TYPES[f.type]}' for f in SCHEMA)
+                con.execute(f'CREATE TABLE IF NOT EXISTS "{TABLE}" ({columns})')
                 names = {"names": [s.name for s in self.sources]}
                 if con.execute(f'SELECT count(*) FROM "{TABLE}" WHERE NOT list_contains($names, source)',
                                names).fetchone()[0]:
